@@ -1,0 +1,272 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) in Flax NNX.
+
+Decoder layers are stacked on a leading `layers` axis and run with one `lax.scan`: compile time stays flat
+in the number of layers (28-80 on the released sizes). Positions are the 3-stream M-RoPE ids of HF's
+`get_rope_index`, computed vectorised (jit-friendly) from the token ids, the attention mask and the image
+grids.
+
+KV cache layout (one shared write pointer `end`; rows are left padded per chunk):
+
+  slot:   0 ......................... end ............. S
+  row 0:  [pad pad prompt0 ... gen0 x x][chunk 2 ...]  free
+  row 1:  [prompt1 ......... gen1 gen1 ][chunk 2 ...]  free
+          `mask_BS` marks the slots that hold real tokens (holes after an early EOS stay 0).
+
+Positions do not come from slot indices but from `next_pos_B` (the next M-RoPE text position of each row),
+so a conversation can be continued chunk by chunk (turn 2 appends user text + a crop image) and gives the
+same logits as one full prefill of the whole conversation.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from mgpo_jax.models.qwen2_5_vl.layers import apply_rope, attention, param, rms_norm
+from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_inputs
+
+
+@flax.struct.dataclass
+class KVCache:
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  mask_BS: jax.Array    # bool: slot holds a real token
+  end: jax.Array        # int32 scalar: first free slot (shared by all rows)
+  next_pos_B: jax.Array  # int32: next M-RoPE text position of each row
+
+  @classmethod
+  def init(cls, cfg: Qwen25VLConfig, batch: int, size: int, dtype) -> "KVCache":
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(k_LBSKH=jnp.zeros(shape, dtype), v_LBSKH=jnp.zeros(shape, dtype),
+               mask_BS=jnp.zeros((batch, size), bool), end=jnp.zeros((), jnp.int32),
+               next_pos_B=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def size(self) -> int:
+    return self.mask_BS.shape[1]
+
+
+def rope_index(input_ids_BT, mask_BT, image_grid_thw_I3, cfg: Qwen25VLConfig, start_pos_B=None):
+  """M-RoPE position ids [3, B, T] and the next text position [B], as HF's `get_rope_index`.
+
+  Text tokens advance all three streams by one. An image block of merged grid (h, w) gets
+  t = base, h = base + row, w = base + col, and the following text starts at base + max(h, w).
+  Images are matched to blocks in flattened (batch, sequence) order, like `pixel_values`.
+  Masked (padding) tokens get position 0 and do not advance. `image_grid_thw_I3` may be padded with
+  zero rows beyond the real images; it may be None for text only.
+  """
+  ids = jnp.asarray(input_ids_BT)
+  B, T = ids.shape
+  valid = jnp.ones((B, T), bool) if mask_BT is None else jnp.asarray(mask_BT).astype(bool)
+  start = jnp.zeros((B,), jnp.int32) if start_pos_B is None else jnp.asarray(start_pos_B, jnp.int32)
+  is_img = (ids == cfg.image_token_id) & valid
+  if image_grid_thw_I3 is None:
+    is_img = jnp.zeros_like(is_img)
+    grid = jnp.ones((1, 3), jnp.int32)
+  else:
+    grid = jnp.asarray(image_grid_thw_I3, jnp.int32).reshape(-1, 3)
+  m = cfg.vision.spatial_merge_size
+  prev = jnp.pad(is_img[:, :-1], ((0, 0), (1, 0)))
+  block_start = is_img & ~prev
+  img_id = jnp.cumsum(block_start.reshape(-1)).reshape(B, T) - 1
+  g = grid[jnp.clip(img_id, 0, grid.shape[0] - 1)]
+  gt, gh, gw = g[..., 0], jnp.maximum(g[..., 1] // m, 1), jnp.maximum(g[..., 2] // m, 1)
+  t_idx = jnp.arange(T, dtype=jnp.int32)[None]
+  first = jax.lax.cummax(jnp.where(block_start, t_idx, -1), axis=1)
+  j = t_idx - first
+  off_t = j // (gh * gw)
+  off_h = (j // gw) % gh
+  off_w = j % gw
+  last_of_block = is_img & (j == gt * gh * gw - 1)
+  incr = jnp.where(valid & ~is_img, 1, 0) + jnp.where(last_of_block, jnp.maximum(gh, gw), 0)
+  base = start[:, None] + jnp.cumsum(incr, axis=1) - incr
+  zero = jnp.zeros_like(base)
+  pos = jnp.stack([base + jnp.where(is_img, off_t, zero),
+                   base + jnp.where(is_img, off_h, zero),
+                   base + jnp.where(is_img, off_w, zero)])
+  pos = jnp.where(valid[None], pos, 0).astype(jnp.int32)
+  return pos, (start + incr.sum(axis=1)).astype(jnp.int32)
+
+
+def mrope_cos_sin(positions_3BT, cfg: Qwen25VLConfig):
+  """cos/sin [B, T, 1, head_dim] in float32; frequency i follows stream 0/1/2 by `mrope_section`."""
+  H = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  stream = np.repeat(np.arange(3), cfg.mrope_section)  # [H/2]: which stream drives each frequency
+  pos_BTF = jnp.take_along_axis(
+      jnp.moveaxis(positions_3BT, 0, -1).astype(jnp.float32),
+      jnp.asarray(stream)[None, None, :], axis=-1)
+  f = pos_BTF * inv_freq
+  f = jnp.concatenate([f, f], -1)[:, :, None, :]
+  return jnp.cos(f), jnp.sin(f)
+
+
+class Qwen25VL(nnx.Module):
+  """Vision tower + Qwen2 decoder + LM head. `__call__` is the eager HF-like entry point; the jitted
+  programs (sampler, train step) call `forward` with precomputed positions and vision inputs."""
+
+  def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    p = lambda shape, axes, **kw: param(rngs, shape, axes, dtype, **kw)
+    self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
+    self.embed = p((V, D), ("vocab", "embed"))
+    self.input_norm = p((L, D), ("layers", "norm"), init="ones")
+    self.q = p((L, D, N, H), ("layers", "embed", "heads", "head_dim"))
+    self.q_bias = p((L, N, H), ("layers", "heads", "head_dim"), init="zeros")
+    self.k = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+    self.k_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+    self.v = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+    self.v_bias = p((L, K, H), ("layers", "kv_heads", "head_dim"), init="zeros")
+    self.o = p((L, N, H, D), ("layers", "heads", "head_dim", "embed"))
+    self.post_norm = p((L, D), ("layers", "norm"), init="ones")
+    self.gate = p((L, D, F), ("layers", "embed", "mlp"))
+    self.up = p((L, D, F), ("layers", "embed", "mlp"))
+    self.down = p((L, F, D), ("layers", "mlp", "embed"))
+    self.final_norm = p((D,), ("norm",), init="ones")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = p((D, V), ("embed", "vocab"))
+    self.remat = False  # set by the trainer: recompute each decoder layer in the backward pass
+
+  # ------------------------------------------------------------------ pieces
+  def embed_tokens(self, input_ids_BT, mask_BT, vision: VisionInputs | None):
+    x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
+    if vision is None:
+      return x_BTD
+    feats_UD = self.visual(vision).astype(x_BTD.dtype)
+    # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
+    is_img = (input_ids_BT == self.cfg.image_token_id) & mask_BT.astype(bool)
+    idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+    gathered = feats_UD[jnp.clip(idx, 0, feats_UD.shape[0] - 1)]
+    return jnp.where(is_img[..., None], gathered, x_BTD)
+
+  def logits(self, h_BTD):
+    w_DV = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    return jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+
+  def lm_head_weight(self):
+    """[D, V] output projection (the tied embedding transposed for 3B)."""
+    return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+  def layer_params(self):
+    return dict(input_norm=self.input_norm[...], q=self.q[...], q_bias=self.q_bias[...],
+                k=self.k[...], k_bias=self.k_bias[...], v=self.v[...], v_bias=self.v_bias[...],
+                o=self.o[...], post_norm=self.post_norm[...], gate=self.gate[...], up=self.up[...],
+                down=self.down[...])
+
+  # ------------------------------------------------------------------ decoder
+  def forward(self, input_ids_BT, mask_BT, positions_3BT, vision: VisionInputs | None = None,
+              cache: KVCache | None = None, next_pos_B=None):
+    """Final hidden states [B, T, D] (after the last norm) and the updated cache (or None).
+
+    Without a cache: causal attention among the T tokens, restricted to `mask_BT`.
+    With a cache: the T tokens are written at slots [end, end + T) and attend to every valid slot
+    before them. The caller must keep end + T <= cache.size. `next_pos_B` (from `rope_index`) is
+    stored in the cache so the next chunk continues the positions.
+    """
+    cfg = self.cfg
+    mask_BT = jnp.asarray(mask_BT).astype(bool)
+    x_BTD = self.embed_tokens(input_ids_BT, mask_BT, vision)
+    cos, sin = mrope_cos_sin(positions_3BT, cfg)
+    B, T = mask_BT.shape
+    scale = cfg.head_dim ** -0.5
+    eps = cfg.rms_norm_eps
+
+    if cache is None:
+      causal_TT = jnp.tril(jnp.ones((T, T), bool))
+      attn_mask_BTS = causal_TT[None] & mask_BT[:, None, :]
+    else:
+      slot_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, cache.end))
+      slots_S = jnp.arange(cache.size)
+      causal_TS = slots_S[None, :] <= cache.end + jnp.arange(T)[:, None]
+      attn_mask_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
+
+    def layer(x_BTD, w, kv):
+      h = rms_norm(x_BTD, w["input_norm"], eps)
+      q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
+      k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
+      v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
+      if kv is not None:
+        k_BSKH = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache.end, 0, 0))
+        v_BSKH = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.end, 0, 0))
+        kv = (k_BSKH, v_BSKH)
+      else:
+        k_BSKH, v_BSKH = k, v
+      o = attention(q, k_BSKH, v_BSKH, attn_mask_BTS, scale)
+      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, w["o"])
+      h = rms_norm(x_BTD, w["post_norm"], eps)
+      x_BTD = x_BTD + (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
+      return x_BTD, kv
+
+    params = self.layer_params()
+    if cache is None:
+      def body(x, w):
+        return layer(x, w, None)[0], None
+      if self.remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+      x_BTD, _ = jax.lax.scan(body, x_BTD, params)
+      new_cache = None
+    else:
+      # The cache rides in the carry and is updated in place layer by layer.
+      def body(carry, xs):
+        x, k_all, v_all = carry
+        w, l = xs
+        x, (k_l, v_l) = layer(x, w, (k_all[l], v_all[l]))
+        return (x, k_all.at[l].set(k_l), v_all.at[l].set(v_l)), None
+      (x_BTD, k_all, v_all), _ = jax.lax.scan(
+          body, (x_BTD, cache.k_LBSKH, cache.v_LBSKH), (params, jnp.arange(cfg.num_layers)))
+      new_cache = KVCache(k_LBSKH=k_all, v_LBSKH=v_all, mask_BS=slot_mask_BS, end=cache.end + T,
+                          next_pos_B=cache.next_pos_B if next_pos_B is None else next_pos_B)
+    return rms_norm(x_BTD, self.final_norm[...], eps), new_cache
+
+  def extend(self, cache: KVCache, input_ids_BT, mask_BT, vision: VisionInputs | None = None,
+             image_grid_thw_I3=None):
+    """Append a chunk (prompt, a decoded token, or a new user turn with images) to the cache.
+
+    Positions continue from `cache.next_pos_B`. Returns (hidden [B, T, D], new cache). Jit-friendly.
+    """
+    positions, next_pos = rope_index(input_ids_BT, mask_BT, image_grid_thw_I3 if vision is not None else None,
+                                     self.cfg, start_pos_B=cache.next_pos_B)
+    return self.forward(input_ids_BT, mask_BT, positions, vision, cache=cache, next_pos_B=next_pos)
+
+  # ------------------------------------------------------------------ eager HF-like entry point
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    """Logits [B, T, vocab] (float32) for a padded batch, like HF's forward(...).logits."""
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+      raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, seq]")
+    vision = None
+    if pixel_values is not None:
+      if image_grid_thw is None:
+        raise ValueError("pixel_values given without image_grid_thw")
+      check_image_tokens(ids, mask, image_grid_thw, self.cfg)
+      vision = prepare_vision_inputs(pixel_values, image_grid_thw, self.cfg.vision)
+    elif ((ids == self.cfg.image_token_id) & (mask > 0)).any():
+      raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values were given")
+    grid = None if vision is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    return _logits_jit(self, jnp.asarray(ids), jnp.asarray(mask), grid, vision)
+
+
+@nnx.jit
+def _logits_jit(model: Qwen25VL, ids_BT, mask_BT, grid_I3, vision):
+  positions, _ = rope_index(ids_BT, mask_BT, grid_I3, model.cfg)
+  h, _ = model.forward(ids_BT, mask_BT, positions, vision)
+  return model.logits(h)
+
+
+def check_image_tokens(input_ids, attention_mask, image_grid_thw, cfg: Qwen25VLConfig) -> None:
+  """Host-side check that <|image_pad|> tokens and image features agree (HF raises the same way)."""
+  ids = np.asarray(input_ids)
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  grid = np.asarray(image_grid_thw).reshape(-1, 3)
+  n_tokens = int(((ids == cfg.image_token_id) & (mask > 0)).sum())
+  n_feats = num_patches(grid) // cfg.vision.merge_unit
+  if n_tokens != n_feats:
+    raise ValueError(f"Image features and image tokens do not match: {n_tokens} <|image_pad|> tokens "
+                     f"(id {cfg.image_token_id}) but image_grid_thw {grid.tolist()} gives {n_feats} features")

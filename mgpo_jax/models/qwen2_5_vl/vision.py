@@ -1,0 +1,176 @@
+"""Qwen2.5-VL vision tower: patch embedding, window/full attention blocks, patch merger.
+
+The data-dependent bookkeeping (2-D rotary positions, the window permutation, which patches may attend
+to which) depends only on `image_grid_thw`, which the host knows. `prepare_vision_inputs` computes it in
+numpy and pads everything to a static patch count, so the jitted tower sees fixed shapes:
+
+  patches (HF order, 2x2 merge blocks)  --permute by window-->  blocks  --merger-->  --inverse perm-->
+  features in HF order (one row per <|image_pad|> token)
+
+Window attention and "attend only within one image/frame" are both expressed as segment ids.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgpo_jax.models.qwen2_5_vl.config import VisionConfig
+from mgpo_jax.models.qwen2_5_vl.layers import apply_rope, attention, param, rms_norm
+
+VISION_NORM_EPS = 1e-6  # fixed in HF, independent of the text rms_norm_eps
+
+
+@flax.struct.dataclass
+class VisionInputs:
+  """Static-shape inputs of the vision tower (P = padded patches, U = P // merge_unit)."""
+  pixels_PC: jax.Array      # patch rows already in window order
+  pos_P2: jax.Array         # (row, col) of each patch in its image, window order
+  window_seg_P: jax.Array   # window id; -1 on padding
+  image_seg_P: jax.Array    # (image, frame) id; -1 on padding
+  restore_U: jax.Array      # merged tokens: window order -> HF order (argsort of the window index)
+
+
+def num_patches(grid_thw) -> int:
+  g = np.asarray(grid_thw).reshape(-1, 3)
+  return int(np.prod(g, axis=1).sum())
+
+
+def prepare_vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, pad_to: int | None = None) -> VisionInputs:
+  """Host-side (numpy) window bookkeeping, mirroring transformers' `get_vision_window_index`."""
+  grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+  pixels = np.asarray(pixel_values)
+  m, unit = cfg.spatial_merge_size, cfg.merge_unit
+  total = num_patches(grid)
+  if pixels.ndim != 2 or pixels.shape != (total, cfg.patch_dim):
+    raise ValueError(f"pixel_values has shape {pixels.shape}, but image_grid_thw {grid.tolist()} needs "
+                     f"({total}, {cfg.patch_dim})")
+  if (grid[:, 1:] % m).any():
+    raise ValueError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size={m}")
+  win = cfg.window_size // m // cfg.patch_size  # window side in merged tokens (4 for 112 px)
+
+  pos, window_index, window_seg_u, image_seg = [], [], [], []
+  unit_offset = window_offset = 0
+  for i, (t, h, w) in enumerate(grid.tolist()):
+    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    blocks = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+    pos.append(np.tile(np.stack([blocks(hh), blocks(ww)], -1), (t, 1)))
+    gh, gw = h // m, w // m
+    nwh, nww = -(-gh // win), -(-gw // win)
+    idx = np.arange(t * gh * gw).reshape(t, gh, gw)
+    # Window id of each merged token, enumerated frame-major then window row-major (as HF pads and permutes).
+    wid = ((np.arange(t)[:, None, None] * nwh + np.arange(gh)[None, :, None] // win) * nww
+           + np.arange(gw)[None, None, :] // win)
+    order = np.lexsort((idx.reshape(-1), wid.reshape(-1)))  # stable sort by window
+    window_index.append(idx.reshape(-1)[order] + unit_offset)
+    _, dense_wid = np.unique(wid.reshape(-1)[order], return_inverse=True)
+    window_seg_u.append(dense_wid + window_offset)
+    window_offset += int(dense_wid.max()) + 1
+    unit_offset += t * gh * gw
+    image_seg.append(np.repeat(np.arange(t) + _frame_base(grid, i), h * w))
+
+  window_index = np.concatenate(window_index)
+  perm_P = (window_index[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+  pixels = pixels[perm_P]
+  pos_P2 = np.concatenate(pos)[perm_P]
+  image_seg_P = np.concatenate(image_seg)[perm_P]
+  window_seg_P = np.repeat(np.concatenate(window_seg_u), unit)
+  restore_U = np.argsort(window_index)
+
+  pad = 0 if pad_to is None else pad_to - total
+  if pad < 0 or pad % unit:
+    raise ValueError(f"pad_to={pad_to} must be >= {total} patches and a multiple of {unit}")
+  if pad:
+    pixels = np.concatenate([pixels, np.zeros((pad, pixels.shape[1]), pixels.dtype)])
+    pos_P2 = np.concatenate([pos_P2, np.zeros((pad, 2), pos_P2.dtype)])
+    window_seg_P = np.concatenate([window_seg_P, np.full(pad, -1)])
+    image_seg_P = np.concatenate([image_seg_P, np.full(pad, -1)])
+    restore_U = np.concatenate([restore_U, np.arange(total // unit, (total + pad) // unit)])
+  return VisionInputs(
+      pixels_PC=pixels.astype(np.float32),
+      pos_P2=pos_P2.astype(np.int32),
+      window_seg_P=window_seg_P.astype(np.int32),
+      image_seg_P=image_seg_P.astype(np.int32),
+      restore_U=restore_U.astype(np.int32))
+
+
+def _frame_base(grid: np.ndarray, i: int) -> int:
+  """Global id of the first frame of image i (each frame is its own full-attention segment)."""
+  return int(grid[:i, 0].sum())
+
+
+class VisionTower(nnx.Module):
+  """Stacked vision blocks run with one `lax.scan`; parameters carry logical sharding axes."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, F, N, Hd = cfg.depth, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    Dm = D * cfg.merge_unit
+    p = lambda shape, axes, **kw: param(rngs, shape, axes, dtype, **kw)
+    self.patch_embed = p((cfg.patch_dim, D), ("patch", "embed"))
+    self.norm1 = p((L, D), ("layers", "norm"), init="ones")
+    self.qkv = p((L, D, 3, N, Hd), ("layers", "embed", "qkv", "heads", "head_dim"))
+    self.qkv_bias = p((L, 3, N, Hd), ("layers", "qkv", "heads", "head_dim"), init="zeros")
+    self.proj = p((L, N, Hd, D), ("layers", "heads", "head_dim", "embed"))
+    self.proj_bias = p((L, D), ("layers", "norm"), init="zeros")
+    self.norm2 = p((L, D), ("layers", "norm"), init="ones")
+    self.gate = p((L, D, F), ("layers", "embed", "mlp"))
+    self.gate_bias = p((L, F), ("layers", "mlp"), init="zeros")
+    self.up = p((L, D, F), ("layers", "embed", "mlp"))
+    self.up_bias = p((L, F), ("layers", "mlp"), init="zeros")
+    self.down = p((L, F, D), ("layers", "mlp", "embed"))
+    self.down_bias = p((L, D), ("layers", "norm"), init="zeros")
+    self.merger_norm = p((D,), ("norm",), init="ones")
+    self.merger_fc1 = p((Dm, Dm), ("mlp", "embed"))
+    self.merger_fc1_bias = p((Dm,), ("norm",), init="zeros")
+    self.merger_fc2 = p((Dm, cfg.out_hidden_size), ("mlp", "embed"))
+    self.merger_fc2_bias = p((cfg.out_hidden_size,), ("norm",), init="zeros")
+
+  def __call__(self, vis: VisionInputs) -> jax.Array:
+    """Returns merged features [U, out_hidden_size] in HF order (padding rows at the end)."""
+    cfg = self.cfg
+    dtype = self.patch_embed[...].dtype
+    x_PD = vis.pixels_PC.astype(dtype) @ self.patch_embed[...]
+
+    # 2-D rotary: half of the rotated dims follow the row, half the column.
+    quarter = cfg.head_dim // 4
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, 2 * quarter, 2, dtype=jnp.float32) / (2 * quarter)))
+    f_P2F = vis.pos_P2.astype(jnp.float32)[:, :, None] * inv_freq
+    f_PH = jnp.concatenate([f_P2F[:, 0], f_P2F[:, 1]], -1)
+    f_PH = jnp.concatenate([f_PH, f_PH], -1)
+    cos, sin = jnp.cos(f_PH)[:, None], jnp.sin(f_PH)[:, None]
+
+    window_PP = vis.window_seg_P[:, None] == vis.window_seg_P[None, :]
+    full_PP = vis.image_seg_P[:, None] == vis.image_seg_P[None, :]
+    is_full_L = jnp.zeros(cfg.depth, bool).at[jnp.asarray(cfg.fullatt_block_indexes, jnp.int32)].set(True)
+    scale = cfg.head_dim ** -0.5
+
+    layer_params = dict(
+        norm1=self.norm1[...], qkv=self.qkv[...], qkv_bias=self.qkv_bias[...], proj=self.proj[...],
+        proj_bias=self.proj_bias[...], norm2=self.norm2[...], gate=self.gate[...],
+        gate_bias=self.gate_bias[...], up=self.up[...], up_bias=self.up_bias[...],
+        down=self.down[...], down_bias=self.down_bias[...])
+
+    def block(x_PD, xs):
+      w, is_full = xs
+      h = rms_norm(x_PD, w["norm1"], VISION_NORM_EPS)
+      qkv_P3NH = jnp.einsum("PD,DQNH->PQNH", h, w["qkv"]) + w["qkv_bias"]
+      q, k, v = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      mask_PP = jnp.where(is_full, full_PP, window_PP)
+      o_PNH = attention(q[None], k[None], v[None], mask_PP[None], scale)[0]
+      x_PD = x_PD + jnp.einsum("PNH,NHD->PD", o_PNH, w["proj"]) + w["proj_bias"]
+      h = rms_norm(x_PD, w["norm2"], VISION_NORM_EPS)
+      g = jax.nn.silu(h @ w["gate"] + w["gate_bias"])
+      x_PD = x_PD + (g * (h @ w["up"] + w["up_bias"])) @ w["down"] + w["down_bias"]
+      return x_PD, None
+
+    x_PD, _ = jax.lax.scan(block, x_PD, (layer_params, is_full_L))
+    h = rms_norm(x_PD, self.merger_norm[...], VISION_NORM_EPS)
+    h_UM = h.reshape(-1, cfg.merge_unit * cfg.hidden_size)
+    h_UM = jax.nn.gelu(h_UM @ self.merger_fc1[...] + self.merger_fc1_bias[...], approximate=False)
+    out_UO = h_UM @ self.merger_fc2[...] + self.merger_fc2_bias[...]
+    return out_UO[vis.restore_U]
