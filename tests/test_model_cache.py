@@ -79,3 +79,24 @@ def test_second_turn_chunk_with_new_image_matches_full_prefill(model):
   pos_c, _ = rope_index(row, None, np.array([g1[0], g2[0]]), model.cfg)
   pos_h, _ = rope_index(ids[1:], m[1:], np.array([g1[0], g2[0]]), model.cfg)
   np.testing.assert_array_equal(np.asarray(pos_c)[:, 0], np.asarray(pos_h)[:, 0][:, m[1] > 0])
+
+
+def test_batched_vision_layout_matches_flattened(model):
+  """Per-row vision inputs (the sharding-friendly layout) give the same logits as HF's flattened one."""
+  from mgpo_jax.models.qwen2_5_vl import prepare_vision_batch
+  rng = np.random.default_rng(2)
+  g0, g1 = [(1, 8, 10)], [(1, 6, 4), (1, 12, 8)]
+  rows = [R.image_prompt(g0, rng=rng), R.image_prompt(g1, rng=rng, text_before=(5,)), [5, 6, 7, 8]]
+  T = max(map(len, rows))
+  ids = np.zeros((3, T), np.int64)
+  mask = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+  pv0, pv1 = R.random_pixels(g0, rng), R.random_pixels(g1, rng)
+  expected = np.asarray(model(ids, mask, np.concatenate([pv0, pv1]), np.array(g0 + g1)))
+  vision, grids = prepare_vision_batch([pv0, pv1, None], [np.array(g0), np.array(g1), None],
+                                       model.cfg.vision, pad_to=256, max_images=3)
+  pos, _ = rope_index(ids, mask, grids, model.cfg)
+  h, _ = model.forward(jnp.asarray(ids), jnp.asarray(mask), pos, vision)
+  got = np.asarray(model.logits(h))
+  np.testing.assert_allclose(got[mask > 0], expected[mask > 0], atol=1e-5)

@@ -57,7 +57,8 @@ def rope_index(input_ids_BT, mask_BT, image_grid_thw_I3, cfg: Qwen25VLConfig, st
   t = base, h = base + row, w = base + col, and the following text starts at base + max(h, w).
   Images are matched to blocks in flattened (batch, sequence) order, like `pixel_values`.
   Masked (padding) tokens get position 0 and do not advance. `image_grid_thw_I3` may be padded with
-  zero rows beyond the real images; it may be None for text only.
+  zero rows beyond the real images; it may be None for text only. A [B, I, 3] grid is per row (the
+  batched-vision layout of `prepare_vision_batch`).
   """
   ids = jnp.asarray(input_ids_BT)
   B, T = ids.shape
@@ -66,14 +67,18 @@ def rope_index(input_ids_BT, mask_BT, image_grid_thw_I3, cfg: Qwen25VLConfig, st
   is_img = (ids == cfg.image_token_id) & valid
   if image_grid_thw_I3 is None:
     is_img = jnp.zeros_like(is_img)
-    grid = jnp.ones((1, 3), jnp.int32)
-  else:
-    grid = jnp.asarray(image_grid_thw_I3, jnp.int32).reshape(-1, 3)
+    image_grid_thw_I3 = jnp.ones((1, 3), jnp.int32)
+  grid = jnp.asarray(image_grid_thw_I3, jnp.int32)
   m = cfg.vision.spatial_merge_size
   prev = jnp.pad(is_img[:, :-1], ((0, 0), (1, 0)))
   block_start = is_img & ~prev
-  img_id = jnp.cumsum(block_start.reshape(-1)).reshape(B, T) - 1
-  g = grid[jnp.clip(img_id, 0, grid.shape[0] - 1)]
+  if grid.ndim == 3:  # per-row grids [B, I, 3]: images counted within each row
+    img_id = jnp.cumsum(block_start, axis=1) - 1
+    g = jnp.take_along_axis(grid, jnp.clip(img_id, 0, grid.shape[1] - 1)[..., None], axis=1)
+  else:               # flattened [I, 3]: images counted in (batch, sequence) order, like HF
+    grid = grid.reshape(-1, 3)
+    img_id = jnp.cumsum(block_start.reshape(-1)).reshape(B, T) - 1
+    g = grid[jnp.clip(img_id, 0, grid.shape[0] - 1)]
   gt, gh, gw = g[..., 0], jnp.maximum(g[..., 1] // m, 1), jnp.maximum(g[..., 2] // m, 1)
   t_idx = jnp.arange(T, dtype=jnp.int32)[None]
   first = jax.lax.cummax(jnp.where(block_start, t_idx, -1), axis=1)
@@ -138,11 +143,17 @@ class Qwen25VL(nnx.Module):
     x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
     if vision is None:
       return x_BTD
-    feats_UD = self.visual(vision).astype(x_BTD.dtype)
-    # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
     is_img = (input_ids_BT == self.cfg.image_token_id) & mask_BT.astype(bool)
-    idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-    gathered = feats_UD[jnp.clip(idx, 0, feats_UD.shape[0] - 1)]
+    if vision.pixels_PC.ndim == 3:
+      # Batched layout: each row carries its own images, so rows shard together with their pixels.
+      feats_BUD = jax.vmap(self.visual)(vision).astype(x_BTD.dtype)
+      idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
+      gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
+    else:
+      # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
+      feats_UD = self.visual(vision).astype(x_BTD.dtype)
+      idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+      gathered = feats_UD[jnp.clip(idx, 0, feats_UD.shape[0] - 1)]
     return jnp.where(is_img[..., None], gathered, x_BTD)
 
   def logits(self, h_BTD):

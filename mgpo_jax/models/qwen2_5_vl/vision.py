@@ -97,6 +97,29 @@ def prepare_vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, pad_to: int
       restore_U=restore_U.astype(np.int32))
 
 
+def prepare_vision_batch(pixel_values_B, grid_thw_B, cfg: VisionConfig, pad_to: int,
+                         max_images: int) -> tuple[VisionInputs, np.ndarray]:
+  """Per-row vision inputs stacked on a leading batch axis, plus grids padded to [B, max_images, 3].
+
+  `pixel_values_B[b]` / `grid_thw_B[b]` hold the images of row b in their order in the row (None or an
+  empty grid for a row without images). Every row is padded to `pad_to` patches (a static bucket).
+  """
+  rows, grids = [], np.zeros((len(grid_thw_B), max_images, 3), np.int32)
+  for b, (pv, g) in enumerate(zip(pixel_values_B, grid_thw_B)):
+    g = np.zeros((0, 3), np.int64) if g is None else np.asarray(g, np.int64).reshape(-1, 3)
+    if len(g) > max_images:
+      raise ValueError(f"row {b} has {len(g)} images, more than max_images={max_images}")
+    grids[b, :len(g)] = g
+    if len(g):
+      rows.append(prepare_vision_inputs(pv, g, cfg, pad_to))
+    else:
+      rows.append(VisionInputs(
+          pixels_PC=np.zeros((pad_to, cfg.patch_dim), np.float32), pos_P2=np.zeros((pad_to, 2), np.int32),
+          window_seg_P=np.full(pad_to, -1, np.int32), image_seg_P=np.full(pad_to, -1, np.int32),
+          restore_U=np.arange(pad_to // cfg.merge_unit, dtype=np.int32)))
+  return jax.tree.map(lambda *xs: np.stack(xs), *rows), grids
+
+
 def _frame_base(grid: np.ndarray, i: int) -> int:
   """Global id of the first frame of image i (each frame is its own full-attention segment)."""
   return int(grid[:i, 0].sum())
