@@ -21,13 +21,15 @@ PROPERTY = settings(max_examples=300, deadline=None, database=None)
         # Touching the right/bottom border: 840*1921/868 = 1859.03, 616*1427/644 = 1364.96.
         ((840, 616, 868, 644), (868, 644), (1921, 1427), (1859, 1364, 1921, 1427)),
         # Touching the top-left corner.
-        ((0, 0, 29, 29), (868, 644), (1921, 1427), (0, 0, 64, 64)),  # 29*1921/868 = 64.18, 29*1427/644 = 64.26
-        # Original smaller than the input (enlarged by min_pixels): 30*300/476 = 18.9, 100*200/308 = 64.9.
+        # 29*1921/868 = 64.18, 29*1427/644 = 64.26.
+        ((0, 0, 29, 29), (868, 644), (1921, 1427), (0, 0, 64, 64)),
+        # Original smaller than the input (enlarged by min_pixels):
+        # 30*300/476 = 18.9, 100*200/308 = 64.9.
         ((30, 0, 476, 100), (476, 308), (300, 200), (18, 0, 300, 64)),
         # Same size: identity.
         ((5, 6, 70, 80), (868, 644), (868, 644), (5, 6, 70, 80)),
-        # The protocol's float formula, not the exact floor: 527/868*3024 is exactly 1836 in rationals,
-        # but 527 / 868 * 3024 evaluates to 1835.9999999999998 in floats and int() gives 1835.
+        # The protocol's float formula, not the exact floor: 527/868*3024 is exactly 1836 in
+        # rationals, but 527 / 868 * 3024 evaluates to 1835.9999999999998 in floats -> 1835.
         ((527, 0, 868, 644), (868, 644), (3024, 4032), (1835, 0, 3024, 4032)),
     ],
 )

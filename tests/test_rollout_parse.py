@@ -43,19 +43,19 @@ def _number(v, lenient):
 
 def reference_select(value, lenient=False):
   """(box, label) of the first well-formed entry of a decoded JSON value, or None."""
+  def is_bare_box(v):
+    return isinstance(v, list) and len(v) == 4 and all(type(c) in (int, float) for c in v)
+
   if isinstance(value, dict):
     entries = [value]
   elif isinstance(value, list):
-    is_bare_box = len(value) == 4 and all(
-        type(v) in (int, float) for v in value
-    )
-    entries = [value] if (lenient and is_bare_box) else value
+    entries = [value] if (lenient and is_bare_box(value)) else value
   else:
     entries = []
   for e in entries:
     if isinstance(e, dict) and "bbox_2d" in e:
       coords, label = e["bbox_2d"], e.get("label")
-    elif lenient and isinstance(e, list) and len(e) == 4 and all(type(v) in (int, float) for v in e):
+    elif lenient and is_bare_box(e):
       coords, label = e, None
     else:
       continue
@@ -78,7 +78,8 @@ def reference_select(value, lenient=False):
 FRAGMENTS = [
     "```json", "```", "```json\n", "\n```", "[", "]", "{", "}", "[{", "}]", '"bbox_2d"', '"label"',
     ":", ",", " ", "\n", '"', "\\", "1", "-5", "0", "868", "644", "12.0", "1e999", "-1e999", "NaN",
-    "Infinity", "true", "false", "null", "99999999999999999999999", '"car"', "é", "车", "\U0001f600",
+    "Infinity", "true", "false", "null", "99999999999999999999999", '"car"', "é", "车",
+    "\U0001f600",
     "\x00", "\u2028", '{"bbox_2d": [10, 20, 300, 400], "label": "x"}', "[10, 20, 300, 400]",
     '[{"bbox_2d": [', '"bbox_2d": [0, 0, 868, 644]', "<|im_end|>", "\\boxed{A}",
 ]
@@ -124,7 +125,9 @@ label_value = st.one_of(st.text(max_size=8), st.integers(), st.none(), st.boolea
 dict_entry = st.one_of(
     st.builds(lambda b, l: {"bbox_2d": b, "label": l}, bbox_value, label_value),
     st.builds(lambda b: {"bbox_2d": b}, bbox_value),
-    st.builds(lambda b, l: {"label": l, "bbox_2d": b, "extra": [1, {"x": 2}]}, bbox_value, label_value),
+    st.builds(
+        lambda b, l: {"label": l, "bbox_2d": b, "extra": [1, {"x": 2}]}, bbox_value, label_value
+    ),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
 entry = st.one_of(
@@ -225,7 +228,8 @@ def test_truncated_and_mangled_json_never_raises(value, cut, junk, lenient):
 
 @SOME
 @given(before=st.lists(entry, max_size=3), after=st.lists(entry, max_size=3),
-       x1=st.integers(0, 400), y1=st.integers(0, 300), w=st.integers(29, 400), h=st.integers(29, 300))
+       x1=st.integers(0, 400), y1=st.integers(0, 300),
+       w=st.integers(29, 400), h=st.integers(29, 300))
 def test_skip_invalid_finds_first_valid_entry(before, after, x1, y1, w, h):
   good = {"bbox_2d": [x1, y1, x1 + w, y1 + h], "label": "target"}
   text = "```json\n" + _dumps(before + [good] + after) + "\n```"
@@ -272,8 +276,10 @@ def _fenced(body):
         # Touching the border is allowed (right/bottom are exclusive).
         ('[{"bbox_2d": [0, 0, 868, 644], "label": "all"}]', (0, 0, 868, 644), True, "ok"),
         ('[{"bbox_2d": [0, 0, 869, 644], "label": "x"}]', (0, 0, 869, 644), False, "out_of_bounds"),
-        ('[{"bbox_2d": [0, -1, 100, 100], "label": "x"}]', (0, -1, 100, 100), False, "out_of_bounds"),
-        ('[{"bbox_2d": [300, 50, 100, 300], "label": "x"}]', (300, 50, 100, 300), False, "not_ordered"),
+        ('[{"bbox_2d": [0, -1, 100, 100], "label": "x"}]', (0, -1, 100, 100), False,
+         "out_of_bounds"),
+        ('[{"bbox_2d": [300, 50, 100, 300], "label": "x"}]', (300, 50, 100, 300), False,
+         "not_ordered"),
         ('[{"bbox_2d": [10, 10, 10, 100], "label": "x"}]', (10, 10, 10, 100), False, "not_ordered"),
         # Sides must be > 28.
         ('[{"bbox_2d": [10, 10, 38, 100], "label": "x"}]', (10, 10, 38, 100), False, "too_small"),
@@ -301,7 +307,8 @@ def _fenced(body):
         # First well-formed entry decides, even if invalid; broken entries before it are skipped.
         ('[{"bbox_2d": [1.5, 2, 3, 4], "label": "a"}, {"bbox_2d": [10, 10, 20, 20], "label": "b"},'
          ' {"bbox_2d": [100, 50, 400, 300], "label": "c"}]', (10, 10, 20, 20), False, "too_small"),
-        ('[{"label": "a"}, {"bbox_2d": [100, 50, 400, 300], "label": "c"}]', (100, 50, 400, 300), True, "ok"),
+        ('[{"label": "a"}, {"bbox_2d": [100, 50, 400, 300], "label": "c"}]', (100, 50, 400, 300),
+         True, "ok"),
     ],
 )
 def test_strict_table(body, expected_box, valid, reason):
@@ -311,13 +318,20 @@ def test_strict_table(body, expected_box, valid, reason):
 
 def test_aspect_ratio_limit():
   # w / h == 100 exactly is rejected; just below is accepted.
-  assert parse_bbox(_fenced('[{"bbox_2d": [0, 0, 2900, 29], "label": "x"}]'), 3000, 100).reason == BBoxReason.ASPECT_RATIO
-  assert parse_bbox(_fenced('[{"bbox_2d": [0, 0, 2899, 29], "label": "x"}]'), 3000, 100).valid
-  assert parse_bbox(_fenced('[{"bbox_2d": [0, 0, 29, 2900], "label": "x"}]'), 100, 3000).reason == BBoxReason.ASPECT_RATIO
+  def parse_box(box, width, height):
+    return parse_bbox(_fenced(json.dumps([{"bbox_2d": box, "label": "x"}])), width, height)
+
+  assert parse_box([0, 0, 2900, 29], 3000, 100).reason == BBoxReason.ASPECT_RATIO
+  assert parse_box([0, 0, 2899, 29], 3000, 100).valid
+  assert parse_box([0, 0, 29, 2900], 100, 3000).reason == BBoxReason.ASPECT_RATIO
+  assert parse_box([0, 0, 29, 2899], 100, 3000).valid
 
 
 def test_label_and_first_valid_option():
-  body = '[{"bbox_2d": [0, 0, 10, 10], "label": "tiny"}, {"bbox_2d": [100, 50, 400, 300], "label": "sign"}]'
+  body = json.dumps([
+      {"bbox_2d": [0, 0, 10, 10], "label": "tiny"},
+      {"bbox_2d": [100, 50, 400, 300], "label": "sign"},
+  ])
   assert parse_bbox(_fenced(body), W, H).box == (0, 0, 10, 10)
   result = parse_bbox(_fenced(body), W, H, skip_invalid=True)
   assert (result.box, result.valid, result.label) == ((100, 50, 400, 300), True, "sign")
@@ -334,7 +348,7 @@ def test_label_and_first_valid_option():
         ('[{"bbox_2d": [12, 10, 100, 100]}]', (12, 10, 100, 100), True),  # label optional
         ("[12, 10, 100, 100]", (12, 10, 100, 100), True),  # bare box
         ("[[12, 10, 100, 100], [0, 0, 868, 644]]", (12, 10, 100, 100), True),
-        ('[{"bbox_2d": [12, 10, 100, 100], "label": "x"}] trailing words', (12, 10, 100, 100), True),
+        ('[{"bbox_2d": [12, 10, 100, 100], "label": "x"}] trailing', (12, 10, 100, 100), True),
         ('[{"bbox_2d": [NaN, 10, 100, 100], "label": "x"}]', None, False),
         ('[{"bbox_2d": [Infinity, 10, 100, 100], "label": "x"}]', None, False),
         ('[{"bbox_2d": [1e999, 10, 100, 100], "label": "x"}]', None, False),
@@ -351,7 +365,8 @@ def test_fences_and_bare_lists():
   # Unclosed fence (stop string removed by the sampler) still parses.
   assert parse_bbox("```json\n" + good, W, H).valid
   # Only the first ```json block counts.
-  assert parse_bbox("```json\n[oops\n```\n```json\n" + good + "\n```", W, H).reason == BBoxReason.BAD_JSON
+  two_blocks = "```json\n[oops\n```\n```json\n" + good + "\n```"
+  assert parse_bbox(two_blocks, W, H).reason == BBoxReason.BAD_JSON
   # No fence: a bare list (Qwen's grounding output) is used; strict needs a list of objects.
   assert parse_bbox("The sign is at " + good + ".", W, H).box == (100, 50, 400, 300)
   assert parse_bbox("see [1] and [{}] then " + good, W, H).box == (100, 50, 400, 300)
@@ -379,8 +394,8 @@ def test_bad_image_size_raises(width, height):
 
 
 def test_truncate_after_json_cases():
-  reply = 'I see it.\n```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```\nThen more text ```json'
-  assert truncate_after_json(reply) == 'I see it.\n```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```'
+  kept = 'I see it.\n```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```'
+  assert truncate_after_json(kept + "\nThen more text ```json") == kept
   assert truncate_after_json("no block") == "no block"
   assert truncate_after_json("```json\n[1, 2") == "```json\n[1, 2"
   # The opener's own backticks do not stop the turn; a fence before the opener does not either.

@@ -1,0 +1,1 @@
+"""MGPO rollout: box parsing, cropping, prompts and rewards (host side)."""
