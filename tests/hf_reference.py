@@ -43,10 +43,19 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
 
 
-def build_reference(path, seed: int = 0, dtype=torch.float32, **cfg_kw):
-  """Build, randomise and save_pretrained a tiny reference model; returns the torch model."""
+def build_reference(path, seed: int = 0, dtype=torch.float32, image_token_id=None, video_token_id=None,
+                    vision_start_token_id=None, vision_end_token_id=None, **cfg_kw):
+  """Build, randomise and save_pretrained a tiny reference model; returns the torch model.
+
+  The vision token ids default to the constants above; pass a tokenizer's ids to use its chat template.
+  """
   torch.manual_seed(seed)
   cfg = tiny_hf_config(**cfg_kw)
+  for name, value in (("image_token_id", image_token_id), ("video_token_id", video_token_id),
+                      ("vision_start_token_id", vision_start_token_id),
+                      ("vision_end_token_id", vision_end_token_id)):
+    if value is not None:
+      setattr(cfg, name, value)
   model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="eager")
   randomize(model, seed)
   model = model.to(dtype).eval()
