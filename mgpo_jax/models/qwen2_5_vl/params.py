@@ -12,6 +12,7 @@ Keys are matched in the released flat layout (`visual.*`, `model.layers.*`, `mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -161,13 +162,15 @@ def load_hf_state(hf_dir: str | os.PathLike, cfg: Qwen25VLConfig, dtype=jnp.floa
                   progress: bool = False):
   """Stream an HF checkpoint into an nnx.State (graphdef, state) placed with the logical shardings.
 
-  Each of our arrays is assembled on the host (one stacked parameter at a time) and put on its devices
-  with `make_array_from_callback`, so every device receives only its own shard.
+  Host memory stays near one copy of the weights: tensors are read with pread (no file pages stay
+  mapped), a stacked parameter is filled layer by layer into a donated device buffer (so no second
+  host copy of a [layers, ...] array exists), and a non-stacked one goes through one host buffer.
+  Every piece is placed with `make_array_from_callback`, so each device receives only its own shard.
   """
   # canonical key -> (file, key as stored in the file)
   tensors = {canonical_key(k): (sf, k) for k, sf in safetensors_io.open_dir(hf_dir).items()}
   graphdef, abs_state = nnx.split(abstract_model(cfg, dtype))
-  pure = abs_state.to_pure_dict()
+  pure = nnx.to_pure_dict(abs_state)
   shardings = (shd.state_shardings(abs_state, mesh, rules) if mesh is not None else None)
   used: set[str] = set()
   arules = active_rules(cfg)
@@ -184,38 +187,77 @@ def load_hf_state(hf_dir: str | os.PathLike, cfg: Qwen25VLConfig, dtype=jnp.floa
         f"{hf_dir}: {len(unknown)} unexpected tensor(s), e.g. {unknown[:3]} (pass allow_unknown=True to skip)")
   if unknown:
     logging.warning("skipping %d unknown tensor(s): %s", len(unknown), unknown)
+  # Every shape is checked from the headers before anything is allocated.
+  for rule in arules:
+    expected_hf = tuple(rule.hf_shape(cfg))
+    for key in hf_keys(rule, cfg):
+      sf, stored_key = tensors[key]
+      if sf.shape(stored_key) != expected_hf:
+        raise CheckpointMismatchError(
+            f"tensor {key!r} has shape {sf.shape(stored_key)}, but the config expects {expected_hf}")
   np_dtype = np.dtype(jnp.dtype(dtype))
-  it = arules
+  bar = None
   if progress:
     from tqdm import tqdm
-    it = tqdm(arules, desc="loading", unit="param")
-  for rule in it:
-    target = _get_path(pure, rule.ours)
-    shape = tuple(target.shape)
-    expected_hf = tuple(rule.hf_shape(cfg))
+    bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=None)
+
+  def read(key: str) -> np.ndarray:
+    sf, stored_key = tensors[key]
+    w = sf.read(stored_key)
+    if bar is not None:
+      bar.update(1)
+    return w
+
+  for rule in arules:
+    shape = tuple(_get_path(pure, rule.ours).shape)
     keys = hf_keys(rule, cfg)
-    buf = np.empty(shape, np_dtype)
-    for i, key in enumerate(keys):
-      sf, stored_key = tensors[key]
-      got = sf.shape(stored_key)
-      if got != expected_hf:
-        raise CheckpointMismatchError(
-            f"tensor {key!r} has shape {got}, but the config expects {expected_hf}")
-      w = sf.get(stored_key)
-      piece = hf_to_ours(rule, w, shape[1:] if rule.stacked else shape)
-      if rule.stacked:
-        buf[i] = piece
-      else:
-        buf[...] = piece
     sharding = (_get_path(shardings, rule.ours) if shardings is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     if hasattr(sharding, "value"):  # a Variable-shaped leaf of the sharding tree
       sharding = sharding.value
-    arr = jax.make_array_from_callback(shape, sharding, lambda idx, b=buf: b[idx])
+    if rule.stacked:
+      arr = _zeros(sharding, shape, np_dtype)
+      layer_sharding = _drop_leading_axis(sharding, len(shape))
+      for i, key in enumerate(keys):
+        piece = hf_to_ours(rule, read(key), shape[1:]).astype(np_dtype, copy=False)
+        layer = jax.make_array_from_callback(shape[1:], layer_sharding, lambda idx, p=piece: p[idx])
+        # Block: with async dispatch the loop would run ahead and queue many layers' host copies.
+        arr = _set_layer(sharding)(arr, layer, np.int32(i)).block_until_ready()
+        del piece, layer
+    else:
+      buf = hf_to_ours(rule, read(keys[0]), shape).astype(np_dtype, copy=False)
+      arr = jax.make_array_from_callback(shape, sharding, lambda idx, b=buf: b[idx])
+      del buf
     _set_path(pure, rule.ours, arr)
-    del buf
-  abs_state.replace_by_pure_dict(pure)
+  if bar is not None:
+    bar.close()
+  nnx.replace_by_pure_dict(abs_state, pure)
   return graphdef, abs_state
+
+
+def _zeros(sharding, shape, dtype) -> jax.Array:
+  return _zeros_fn(sharding)(tuple(shape), np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(sharding):
+  # Allocated directly with its final sharding: each device only holds its shard.
+  return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer(sharding):
+  # Donating the stacked buffer makes the per-layer update in place (no second copy of the array).
+  return jax.jit(lambda full, x, i: jax.lax.dynamic_update_index_in_dim(full, x.astype(full.dtype), i, 0),
+                 donate_argnums=0, out_shardings=sharding)
+
+
+def _drop_leading_axis(sharding, ndim: int):
+  """Sharding of one layer of a stacked array: the same placement without the layers axis."""
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*spec[1:]))
+  return sharding
 
 
 def from_pretrained(hf_dir: str | os.PathLike, dtype=jnp.float32, mesh: Mesh | None = None,
@@ -239,7 +281,7 @@ def init_model(cfg: Qwen25VLConfig, seed: int = 0, dtype=jnp.float32, mesh: Mesh
 
 def iter_hf_tensors(state: nnx.State, cfg: Qwen25VLConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   """Our state -> (HF key, numpy array) in the released flat layout, one tensor at a time."""
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   for rule in active_rules(cfg):
     arr = _get_path(pure, rule.ours)
     hf_shape = tuple(rule.hf_shape(cfg))

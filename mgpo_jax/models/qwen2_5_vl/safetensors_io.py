@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -43,7 +43,11 @@ class SafetensorsFile:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsError(f"{self.path}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{self.path}: corrupt header (not a JSON object)")
     self.metadata = header.pop("__metadata__", None) or {}
+    for key, info in header.items():
+      _check_entry(self.path, key, info)
     self._data_start = 8 + n
     self._header = header
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
@@ -61,7 +65,7 @@ class SafetensorsFile:
   def dtype(self, key: str) -> np.dtype:
     return np.dtype(DTYPES[self._header[key]["dtype"]])
 
-  def get(self, key: str) -> np.ndarray:
+  def _locate(self, key: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
     info = self._header[key]
     if info["dtype"] not in DTYPES:
       raise SafetensorsError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -70,19 +74,48 @@ class SafetensorsFile:
     shape = tuple(info["shape"])
     if stop - start != int(np.prod(shape)) * dtype.itemsize:
       raise SafetensorsError(f"{self.path}: tensor {key!r} byte range does not match shape {shape}")
+    return dtype, shape, self._data_start + start, self._data_start + stop
+
+  def get(self, key: str) -> np.ndarray:
+    """Zero-copy read-only view into the memory map (its pages count in RSS while mapped)."""
+    dtype, shape, start, stop = self._locate(key)
     if stop == start:
       return np.zeros(shape, dtype)
-    buf = self._mm[self._data_start + start:self._data_start + stop]
-    return buf.view(dtype).reshape(shape)
+    return self._mm[start:stop].view(dtype).reshape(shape)
+
+  def read(self, key: str) -> np.ndarray:
+    """A fresh writable copy read with pread: unlike `get`, nothing stays mapped, so streaming a whole
+    checkpoint through `read` keeps the resident set at one tensor, not the whole file."""
+    dtype, shape, start, stop = self._locate(key)
+    out = np.empty(shape, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      done = 0
+      while done < stop - start:
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n <= 0:
+          raise SafetensorsError(f"{self.path}: truncated while reading tensor {key!r}")
+        done += n
+    finally:
+      os.close(fd)
+    return out
 
 
 def open_dir(hf_dir: str | os.PathLike) -> dict[str, SafetensorsFile]:
   """Map every tensor name of an HF directory (single file or sharded with an index) to its file."""
   hf_dir = os.fspath(hf_dir)
   index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"checkpoint directory {hf_dir!r} does not exist")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+      raise SafetensorsError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
     files = sorted(set(weight_map.values()))
   else:
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
@@ -112,18 +145,53 @@ def write_file(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]
                metadata: Mapping[str, str] | None = None) -> None:
   """Write tensors (name, array) to one safetensors file; arrays are written one by one."""
   items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+  write_streaming(path, [(name, arr.dtype, arr.shape) for name, arr in items], items, metadata)
+
+def _check_entry(path: str, key: str, info) -> None:
+  """Reject header entries that would fail later with an obscure error."""
+  ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+        and all(isinstance(o, int) for o in info["data_offsets"])
+        and 0 <= info["data_offsets"][0] <= info["data_offsets"][1])
+  if not ok:
+    raise SafetensorsError(f"{path}: corrupt header entry for tensor {key!r}: {info!r}"[:300])
+
+
+def header_bytes(specs: Sequence[tuple[str, np.dtype, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None) -> bytes:
+  """Length prefix + JSON header for tensors (name, dtype, shape) laid out back to back in this order."""
   header, offset = {}, 0
-  for name, arr in items:
-    nbytes = arr.size * arr.dtype.itemsize
-    header[name] = {"dtype": NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+  for name, dtype, shape in specs:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    header[name] = {"dtype": NAMES[dtype], "shape": [int(d) for d in shape],
                     "data_offsets": [offset, offset + nbytes]}
     offset += nbytes
   if metadata:
     header["__metadata__"] = dict(metadata)
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+  return struct.pack("<Q", len(raw)) + raw
+
+
+def write_streaming(path: str | os.PathLike, specs: Sequence[tuple[str, np.dtype, Sequence[int]]],
+                    arrays: Iterable[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None,
+                    on_write: Callable[[int], None] | None = None) -> None:
+  """Write one safetensors file whose header is known up front, pulling (name, array) pairs one at a
+  time, so only one tensor is in memory. Each pair must match the next spec (name, dtype, shape)."""
+  it = iter(arrays)
   with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for _, arr in items:
-      f.write(np.ascontiguousarray(arr).tobytes())
+    f.write(header_bytes(specs, metadata))
+    for name, dtype, shape in specs:
+      try:
+        got_name, arr = next(it)
+      except StopIteration:
+        raise SafetensorsError(f"{path}: ran out of tensors before {name!r}") from None
+      if (got_name, np.dtype(arr.dtype), tuple(arr.shape)) != (name, np.dtype(dtype), tuple(shape)):
+        raise SafetensorsError(f"{path}: expected {name!r} {np.dtype(dtype)} {tuple(shape)}, got "
+                               f"{got_name!r} {arr.dtype} {tuple(arr.shape)}")
+      f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+      if on_write is not None:
+        on_write(arr.nbytes)
