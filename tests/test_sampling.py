@@ -184,6 +184,22 @@ def test_top_k_sampling_in_the_loop_picks_only_top_k(sampler, model):
   assert len(set(out.tokens[0].tolist())) > 1
 
 
+def test_per_row_keys_make_a_rows_samples_independent_of_the_batch(sampler):
+  rng = np.random.default_rng(7)
+  rows = [list(rng.integers(0, 280, n)) for n in (9, 4, 6)]
+  keys = jax.random.split(jax.random.key(3), 3)
+  kw = dict(max_new_tokens=16, temperature=1.5, eos_token_ids=[EOS])
+  together, _ = sampler.start(rows, rng=keys, **kw)
+  alone, _ = sampler.start(rows[1:2], rng=keys[1:2], **kw)
+  np.testing.assert_array_equal(together.tokens[1], alone.tokens[0])
+  np.testing.assert_allclose(together.logprobs[1], alone.logprobs[0], atol=1e-5)
+  # With one key for the batch the rows draw differently (and a key per row is really used).
+  shared, _ = sampler.start(rows, rng=keys[1], **kw)
+  assert not np.array_equal(shared.tokens, together.tokens)
+  with pytest.raises(ValueError, match="one key per row"):
+    sampler.start(rows, rng=keys[:2], **kw)
+
+
 # ---------------------------------------------------------------------------------------------- compiles
 @contextlib.contextmanager
 def count_compiles():

@@ -1,9 +1,9 @@
 """Grain input pipeline: shard -> shuffle -> repeat -> decode (guarded) -> batch, checkpointable.
 
   source (len, [i])                  a TFDS data source, a list of samples, ...
-    [shard_index::shard_count]       disjoint per-process shards (of equal size by default)
-    .shuffle(seed)                   reshuffled every epoch by .repeat
+    .shuffle(seed)                   one global order (same seed everywhere), reshuffled every epoch
     .repeat(num_epochs)
+    [shard_index::shard_count]       strided per-process shards (of equal size by default)
     .map(decode)                     Pillow decode; bad images -> None + one warning
     .to_iter_dataset(ReadOptions)    drops the Nones, reads ahead with threads
     [.mp_prefetch(workers)]
@@ -143,12 +143,14 @@ def make_dataset(
   ds = grain.MapDataset.source(source)
   if even_shards:
     ds = ds[: len(ds) - len(ds) % shard_count]
-  ds = ds[shard_index::shard_count]
-  if len(ds) == 0:
+  if len(ds[shard_index::shard_count]) == 0:
     raise ValueError(f"shard {shard_index}/{shard_count} of a {len(source)}-record source is empty")
   if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+    ds = ds.shuffle(seed=seed)  # The same permutation on every process (same seed), new each epoch.
+  # Strided shards of ONE global order: with batch b per process, the k-th batches of all processes
+  # together are exactly the k-th batch of P*b records of a single-process run, so what a training
+  # step sees does not depend on the number of hosts.
+  ds = ds.repeat(num_epochs)[shard_index::shard_count]
   ds = ds.map(DecodeImage(max_image_pixels)).filter(_is_present)
   iter_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch if read_threads else 0)

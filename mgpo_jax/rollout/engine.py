@@ -28,10 +28,12 @@ import concurrent.futures
 import dataclasses
 import enum
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -253,7 +255,11 @@ class RolloutEngine:
 
   # ------------------------------------------------------------------ the rollout
   def run(self, samples: Sequence[Mapping[str, Any]], rng) -> RolloutResult:
-    """Samples `num_generations` conversations per sample; returns trajectories, timings and metrics."""
+    """Samples `num_generations` conversations per sample; returns trajectories, timings and metrics.
+
+    Every row draws from its own key, fold_in(rng, crc32(sample id), generation, turn): a sample's
+    rollouts do not depend on which other samples share the batch (or the host, in multi-host runs).
+    """
     cfg = self.cfg
     if not samples:
       raise ValueError("no samples")
@@ -278,12 +284,14 @@ class RolloutEngine:
           rows.append(row)
       timings.host_s.append(time.perf_counter() - t0)
 
+      row_keys = _row_keys(rng, np.asarray([(zlib.crc32(str(row.sample.get("id", row.sample_index)).encode()) & 0x7FFFFFFF,
+                                  row.generation_index) for row in rows], np.uint32))
       conv = None
       for turn in range(cfg.num_turns):
         is_last = turn == cfg.num_turns - 1
         chunks = [row.next_chunk for row in rows]
         images = [(row.pixel_values[-1], row.grids[-1][None]) for row in rows]
-        kw = dict(sample_kw, max_new_tokens=cfg.max_new_tokens, rng=jax.random.fold_in(rng, turn),
+        kw = dict(sample_kw, max_new_tokens=cfg.max_new_tokens, rng=_fold_rows(row_keys, turn),
                   stop=() if is_last else (parse_lib.TURN1_STOP,))
         if conv is None:
           out, conv = self.sampler.start(chunks, images, **kw)
@@ -311,6 +319,16 @@ class RolloutEngine:
         texts=row.texts, boxes=row.boxes, box_valid=row.box_valid, box_reasons=row.box_reasons,
         stop_reasons=row.stop_reasons, forced_close=row.forced_close, reward=row.reward,
         sample_index=row.sample_index, generation_index=row.generation_index)
+
+
+@jax.jit
+def _row_keys(rng, uids_R2):
+  uids_R2 = jnp.asarray(uids_R2, jnp.uint32)
+  fold = lambda u: jax.random.fold_in(jax.random.fold_in(rng, u[0]), u[1])
+  return jax.vmap(fold)(uids_R2)
+
+
+_fold_rows = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
 
 def _metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:

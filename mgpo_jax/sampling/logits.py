@@ -70,7 +70,11 @@ def choose(logits_BV, params: SamplingParams, key, max_top_k: int, forced_B=None
   V = logits_BV.shape[-1]
   banned_K = jnp.where(params.banned_K >= 0, params.banned_K, V)  # V: out of range, dropped
   scaled_BV = scaled_BV.at[:, banned_K].set(_MASKED, mode="drop")
-  sampled_B = jax.random.categorical(key, filter_logits(scaled_BV, params.top_k, params.top_p, max_top_k))
+  filtered_BV = filter_logits(scaled_BV, params.top_k, params.top_p, max_top_k)
+  if jnp.ndim(key) == 1:  # one key per row: a row's sample does not depend on the rest of the batch
+    sampled_B = jax.vmap(jax.random.categorical)(key, filtered_BV)
+  else:
+    sampled_B = jax.random.categorical(key, filtered_BV)
   tok_B = jnp.where(greedy, jnp.argmax(scaled_BV, axis=-1), sampled_B).astype(jnp.int32)
   if forced_B is not None:
     tok_B = jnp.where(forced_B >= 0, forced_B, tok_B)

@@ -139,7 +139,9 @@ def _emit(s: _Loop, logits_BV, params: SamplingParams, eos_E, stops, force_BN, m
   """Samples token `s.step` for the rows still running and updates the stop bookkeeping."""
   N = s.tokens_BN.shape[1]
   forced_B = jnp.take(force_BN, jnp.minimum(s.step, N - 1), axis=1)
-  tok_B, logp_B = logits_lib.choose(logits_BV, params, jax.random.fold_in(s.rng, s.step), max_top_k,
+  key = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.rng, s.step) if jnp.ndim(s.rng) == 1
+         else jax.random.fold_in(s.rng, s.step))
+  tok_B, logp_B = logits_lib.choose(logits_BV, params, key, max_top_k,
                                     forced_B=forced_B)
   can_B = ~s.done_B & (s.step < params.max_new_tokens)
   at_BN = can_B[:, None] & (jnp.arange(N)[None, :] == s.step)
@@ -269,7 +271,8 @@ class Sampler:
 
     Keyword args: temperature=0.0, top_p=1.0, top_k=0, eos_token_ids=None (the model config's),
     stop=() (stop rules, see `stops`), close_token_id=None, pad_id=None (the config's pad, else 0),
-    rng=None (required when temperature > 0), banned_token_ids=() (never sampled), force_tokens=None
+    rng=None (required when temperature > 0; one key, or one key per row so that a row's samples do not
+    depend on the rest of the batch), banned_token_ids=() (never sampled), force_tokens=None
     (per row, the ids to emit at steps 0, 1, ... instead of sampling, -1 = sample: teacher forcing;
     their log-probs are still the model's).
     """
@@ -372,6 +375,8 @@ class Sampler:
       rng = jax.random.key(0)
     elif not jnp.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
       rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+    if jnp.ndim(rng) not in (0, 1) or (jnp.ndim(rng) == 1 and rng.shape[0] != B):
+      raise ValueError(f"rng must be one key or one key per row ({B}), got key shape {rng.shape}")
     pad = mcfg.pad_token_id if pad_id is None else pad_id
     pad = 0 if pad is None else pad
     force = np.full((B, N), -1, np.int32)

@@ -1,0 +1,285 @@
+"""The MGPO training loop: prompts -> multi-turn rollouts -> rewards -> GRPO updates -> logs.
+
+One step (every process runs the same code on its own prompts):
+
+  samples  = next(data)                               this process's data.batch_size / P prompts
+  rollouts = engine.run(samples)                      process-local, n conversations per prompt
+  batch    = to_train_batch(rollouts)                 static shapes: buckets agreed by all processes
+  state    = learner.train_on_rollout(state, batch)   one SPMD program per mini-batch, all devices
+  sampler.update(state.params)                        reshard the new weights for the next rollouts
+  metrics -> metrics.jsonl / TensorBoard / progress bar; every K steps: rollout pictures, eval,
+  an Orbax checkpoint (params, optimizer state, data iterator, step), async.
+
+Resuming: the latest checkpoint restores the state and the data iterator; the sampling key of step s
+is fold_in(seed, s), and the frozen reference policy is rebuilt from the initial weights, so the steps
+after a restart are the steps an uninterrupted run takes. SIGTERM (TPU preemption) saves and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from mgpo_jax import checkpoint as ckpt_lib
+from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import experiment
+from mgpo_jax import metrics as metrics_lib
+from mgpo_jax import visualize
+from mgpo_jax.data import pipeline
+from mgpo_jax.models.qwen2_5_vl import params as params_lib
+from mgpo_jax.train.step import Learner, TrainState
+
+logger = logging.getLogger(__name__)
+
+OPT_STATE, META, DATA = "opt_state", "meta", "data"
+# Per-step values that depend on the machine's speed, not on the maths (left out of resume checks).
+TIMING_PREFIX = "time/"
+
+
+class _CompileCounter:
+  """Counts XLA compilations (jax.monitoring): after warm-up a step should compile nothing."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del duration, kwargs
+    if event == self.EVENT:
+      self.count += 1
+
+
+_COMPILES: _CompileCounter | None = None
+
+
+def compile_count() -> int:
+  global _COMPILES
+  if _COMPILES is None:
+    _COMPILES = _CompileCounter()
+  return _COMPILES.count
+
+
+class _Preemption:
+  """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+    self.requested = True
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_manager(config: Any, root: str) -> ocp.CheckpointManager:
+  t = config.train
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=t.keep_checkpoints, create=True, enable_async_checkpointing=t.async_checkpoint)
+  handlers = {ckpt_lib.PARAMS: ckpt_lib.params_handler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
+              META: ocp.JsonCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(root, item_handlers=handlers, options=options)
+
+
+def _save(mngr, step: int, state: TrainState, data_iter) -> None:
+  opt_leaves = jax.tree.leaves(state.opt_state)
+  mngr.save(step, args=ocp.args.Composite(**{
+      ckpt_lib.PARAMS: ckpt_lib.params_save_args(state.params),
+      OPT_STATE: ocp.args.PyTreeSave({f"{i:05d}": x for i, x in enumerate(opt_leaves)}),
+      META: ocp.args.JsonSave({"step": step, "optimizer_step": int(jax.device_get(state.step))}),
+      DATA: pipeline.save_args(data_iter)}), force=True)
+
+
+def _restore(mngr, step: int, learner: Learner, data_iter) -> TrainState:
+  """The train state of `step`, read straight into the learner's shardings."""
+  _, abs_params, _ = nnx.split(params_lib.abstract_model(learner.model_cfg, learner.cfg.precision.param_dtype),
+                               nnx.Param, ...)
+  abs_opt = jax.eval_shape(learner.tx.init, abs_params)
+  opt_leaves, opt_def = jax.tree.flatten(abs_opt)
+  opt_shardings = jax.tree.leaves(learner.state_shardings.opt_state)
+  targets = {f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+             for i, (x, s) in enumerate(zip(opt_leaves, opt_shardings, strict=True))}
+  restore_args = {k: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
+                  for k, t in targets.items()}
+  got = mngr.restore(step, args=ocp.args.Composite(**{
+      ckpt_lib.PARAMS: ckpt_lib.params_restore_args(abs_params, learner.mesh),
+      OPT_STATE: ocp.args.PyTreeRestore(item=targets, restore_args=restore_args),
+      META: ocp.args.JsonRestore(),
+      DATA: pipeline.restore_args(data_iter)}))
+  nnx.replace_by_pure_dict(abs_params, got[ckpt_lib.PARAMS])
+  opt_state = jax.tree.unflatten(opt_def, [got[OPT_STATE][k] for k in sorted(got[OPT_STATE])])
+  optimizer_step = jax.device_put(np.int32(got[META]["optimizer_step"]), learner.replicated)
+  return TrainState(step=optimizer_step, params=abs_params, opt_state=opt_state)
+
+
+def _global_max(*values: int) -> list[int]:
+  """Element-wise max over processes (all processes must pick the same static shapes)."""
+  v = np.asarray(values, np.int64)
+  if jax.process_count() > 1:
+    v = np.asarray(multihost_utils.process_allgather(v)).max(axis=0)
+  return [int(x) for x in v]
+
+
+def _global_mean(values: dict[str, float]) -> dict[str, float]:
+  if jax.process_count() == 1 or not values:
+    return values
+  keys = sorted(values)
+  v = np.asarray(multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.float64)))
+  return dict(zip(keys, v.mean(axis=0).tolist()))
+
+
+def _bucket(n: int, buckets, what: str) -> int:
+  for b in sorted(buckets):
+    if n <= b:
+      return int(b)
+  raise ValueError(f"{what}: {n} exceeds the largest bucket {max(buckets)}; raise the config's buckets")
+
+
+def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model_cfg, pad_id: int):
+  """Rollouts of this process's `samples` -> (host TrainBatch, trajectories, rollout metrics)."""
+  from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
+
+  trajectories, group_ids, metrics, host_s, total_s = [], [], [], 0.0, 0.0
+  for chunk_start, chunk in zip(range(0, len(samples), config.rollout.sampling_batch_size or len(samples)),
+                                experiment.chunks(samples, config.rollout.sampling_batch_size)):
+    result = engine.run(chunk, rng)
+    trajectories += result.trajectories
+    group_ids += [group_offset + chunk_start + g for g in result.group_ids]
+    metrics.append(result.metrics)
+    t = result.timings
+    host_s += sum(t.host_s[1:])  # between turns: decode, parse, crop, preprocess, render
+    total_s += t.total_s
+  num_turns = engine.cfg.num_turns
+  max_len = max(len(t.token_ids) for t in trajectories)
+  max_patches = max(sum(int(np.prod(g)) for g in t.image_grids) for t in trajectories)
+  max_len, max_patches = _global_max(max_len, max_patches)
+  batch = traj_lib.to_train_batch(
+      trajectories, group_ids, seq_bucket=_bucket(max_len, config.rollout.seq_buckets, "sequence length"),
+      patch_bucket=_bucket(max_patches, config.rollout.patch_buckets, "patches per row"),
+      max_images=num_turns, pad_id=pad_id, vision_cfg=model_cfg.vision, max_turns=num_turns,
+      image_token_id=model_cfg.image_token_id)
+  means = {f"rollout/{k}": float(np.mean([m[k] for m in metrics if k in m])) for k in metrics[0]}
+  means[TIMING_PREFIX + "rollout_s"] = total_s
+  means[TIMING_PREFIX + "host_between_turns_frac"] = host_s / max(total_s, 1e-9)
+  return batch, trajectories, means
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) the experiment `config` in `workdir`; returns the last step's metrics."""
+  schema_lib.validate(config)
+  schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+
+  mesh = experiment.make_mesh(config)
+  tokenizer = experiment.load_tokenizer(config, workdir)
+  model_cfg = experiment.build_model_config(config, tokenizer)
+  learner = Learner(schema_lib.learner_config(config), model_cfg, mesh)
+  root = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
+  ckpt_lib.write_root(root, model_cfg.to_hf_dict(), assets_from=experiment.tokenizer_dir(config, workdir))
+  mngr = _checkpoint_manager(config, root)
+
+  local_batch = config.data.batch_size // jax.process_count()
+  data_iter = iter(pipeline.make_dataset(
+      experiment.train_source(config, workdir), batch_size=local_batch, seed=config.data.shuffle_seed,
+      num_epochs=config.data.num_epochs, drop_remainder=True, max_image_pixels=config.data.max_image_pixels,
+      worker_count=config.data.worker_count, read_threads=config.data.read_threads,
+      prefetch=config.data.prefetch))
+
+  # The reference policy is always the initial model (rebuilt on resume, deterministically).
+  initial = experiment.build_model(config, model_cfg, mesh)
+  start = mngr.latest_step() or 0
+  if start:
+    logger.info("resuming from step %d in %s", start, root)
+    state = _restore(mngr, start, learner, data_iter)
+    ref = learner.reference_params(nnx.state(initial, nnx.Param))
+    del initial
+  else:
+    state = learner.init(initial)  # takes over (donates) the model's arrays
+    ref = learner.reference_params(state.params)
+  policy = experiment.PolicySampler(config, learner, tokenizer, state.params)
+  engine = experiment.make_engine(config, policy.sampler, tokenizer)
+  eval_engine = experiment.make_engine(config, policy.sampler, tokenizer, greedy=True)
+  eval_set = categories = None
+  pad_id = tokenizer.pad_token_id
+
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start, total_steps=t.num_steps)
+  preempt = _Preemption()
+  last: dict[str, float] = {}
+  step = start
+  compiles = compile_count()
+  try:
+    while step < t.num_steps:
+      try:
+        samples = next(data_iter)
+      except StopIteration:
+        logger.info("data exhausted after %d steps (data.num_epochs=%s)", step, config.data.num_epochs)
+        break
+      t0 = time.perf_counter()
+      rng = jax.random.fold_in(jax.random.key(t.seed), step)
+      batch, trajectories, roll = rollout_batch(
+          config, engine, samples, rng, group_offset=jax.process_index() * local_batch,
+          model_cfg=model_cfg, pad_id=pad_id)
+      t1 = time.perf_counter()
+      state, learner_metrics = learner.train_on_rollout(state, ref, batch)
+      policy.update(state.params)
+      learner_metrics = jax.device_get(learner_metrics)
+      t2 = time.perf_counter()
+      step += 1
+      last = {k: float(np.mean([m[k] for m in learner_metrics])) for k in learner_metrics[0]}
+      last = {f"train/{k}": v for k, v in last.items()}
+      last.update(_global_mean(roll))
+      last[TIMING_PREFIX + "update_s"] = t2 - t1
+      last[TIMING_PREFIX + "step_s"] = t2 - t0
+
+      if t.visualize_every and step % t.visualize_every == 0 and jax.process_index() == 0:
+        shown = [tr for tr in trajectories if tr.generation_index == 0][:t.num_visualize]
+        visualize.log_rollouts(writer, step, [
+            visualize.record_from_trajectory(tr, samples[tr.sample_index], model_cfg.vision.patch_size)
+            for tr in shown])
+      if (t.eval_every and step % t.eval_every == 0) or (t.eval_at_end and step == t.num_steps):
+        from mgpo_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+        if eval_set is None:
+          eval_set, categories = experiment.eval_samples(config), eval_lib.eval_categories(config)
+        last.update(eval_lib.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size,
+                                      categories=categories))
+      # Compilations during the step (rollout, update, eval): nonzero after warm-up = a shape leaked.
+      compiles, last["compile/xla_compilations"] = compile_count(), compile_count() - compiles
+      writer.write_scalars(step, last)
+
+      preempted = preempt.any_process()
+      if preempted or step == t.num_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        _save(mngr, step, state, data_iter)
+      if preempted:
+        logger.warning("preempted: checkpoint of step %d saved; exiting", step)
+        break
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    preempt.restore()
+
+  if t.export_hf_at_end and step == t.num_steps and jax.process_index() == 0:
+    ckpt_lib.export_hf(root, os.path.join(workdir, "hf_export"), step=step)
+  return last

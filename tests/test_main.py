@@ -1,0 +1,115 @@
+"""The README's quick start (`python -m mgpo_jax.main`) end to end, a SIGKILL + resume, and no
+recompilation after warm-up. Each run is a real subprocess of the command users type."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mgpo_jax import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+ARGS = [f"--config.train.num_steps={STEPS}", "--config.train.eval_every=2",
+        "--config.train.checkpoint_every=2", "--config.train.visualize_every=4",
+        "--config.train.keep_checkpoints=2"]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "mgpo_jax.main", f"--workdir={workdir}", *ARGS, *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _run(workdir, timeout=600):
+  proc = subprocess.run(_cmd(workdir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _maths(row):
+  """The values that depend only on the maths (not on timings or on what this process compiled)."""
+  return {k: v for k, v in row.items() if not k.startswith(("time/", "compile/"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run_a")
+  _run(workdir)
+  return workdir
+
+
+def test_quick_start_writes_metrics_checkpoints_and_rollout_pages(uninterrupted):
+  rows = metrics_lib.read_metrics(uninterrupted)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  for key in ("train/loss", "train/kl", "train/entropy", "train/clip_frac", "train/grad_norm",
+              "train/reward_mean", "train/valid_box_ratio", "train/response_length_turn1",
+              "train/response_length_turn2", "rollout/reward_mean", "time/rollout_s"):
+    assert all(key in r for r in rows), key
+  assert all(r["train/grad_norm"] > 0 for r in rows)
+  assert "eval/accuracy" in rows[1] and "eval/accuracy" not in rows[0]
+  assert {"eval/accuracy/color", "eval/accuracy/shape"} <= set(rows[-1])
+  # keep_checkpoints=2: the last two of steps 2, 4, 6, 8.
+  ckpt = os.path.join(uninterrupted, "checkpoints")
+  assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [6, 8]
+  for item in ("params", "opt_state", "data", "meta"):
+    assert os.path.isdir(os.path.join(ckpt, "8", item)), item
+  assert os.path.isfile(os.path.join(ckpt, "hf_config.json"))
+  assert os.path.isfile(os.path.join(ckpt, "hf_assets", "tokenizer.json"))
+  pages = os.listdir(os.path.join(uninterrupted, "rollouts"))
+  assert {"index.html", "step_000004.html", "step_000008.html"} <= set(pages)
+  html = open(os.path.join(uninterrupted, "rollouts", "step_000004.html"), encoding="utf-8").read()
+  assert "<img" in html
+  tb = os.path.join(uninterrupted, "tensorboard")
+  events = [e for f in sorted(os.listdir(tb)) for e in metrics_lib.read_events(os.path.join(tb, f))]
+  assert {e.step for e in events if "train/loss" in e.scalars} == set(range(1, STEPS + 1))
+  assert {e.step for e in events if e.images} == {4, 8}  # the rollout pictures
+
+
+def test_no_recompilation_after_warm_up(uninterrupted):
+  rows = metrics_lib.read_metrics(uninterrupted)
+  # Step 1 compiles the rollout and the update, step 2 the greedy evaluation (another batch shape).
+  assert rows[0]["compile/xla_compilations"] > 0
+  assert [r["compile/xla_compilations"] for r in rows[2:]] == [0] * (STEPS - 2)
+
+
+def test_sigkill_then_restart_resumes_with_identical_metrics(uninterrupted, tmp_path):
+  workdir = tmp_path / "run_b"
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  committed = workdir / "checkpoints" / "4"
+  deadline = time.time() + 600
+  try:
+    while not committed.is_dir():  # Orbax renames the step folder into place once it is complete
+      assert proc.poll() is None, "the run ended before its step-4 checkpoint"
+      assert time.time() < deadline
+      time.sleep(0.2)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  killed_at = max(r["step"] for r in metrics_lib.read_metrics(workdir))
+  assert killed_at < STEPS
+  _run(workdir)
+  want = [_maths(r) for r in metrics_lib.read_metrics(uninterrupted)]
+  got = [_maths(r) for r in metrics_lib.read_metrics(workdir)]
+  assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+  assert got == want
+
+
+def test_invalid_config_fails_before_building_anything(tmp_path):
+  proc = subprocess.run(_cmd(tmp_path / "bad", "--config.rl.advantage=grp", "--config.rl.clip_ratio_low=-1"),
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "rl.advantage" in proc.stderr and "rl.clip_ratio_low" in proc.stderr
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+  proc = subprocess.run(_cmd(tmp_path / "bad", "--config.rl.advantag=grpo"), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "advantag" in proc.stderr
