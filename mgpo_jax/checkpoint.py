@@ -108,8 +108,15 @@ def parse_size(size: str | int) -> int:
   return n
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """gs://... and other object-store paths (read and written through etils.epath)."""
+  return "://" in os.fspath(path)
+
+
 def _read_json(path: str) -> Any:
   try:
+    if is_remote(path):
+      return json.loads(epath.Path(path).read_text())
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError:
@@ -119,6 +126,9 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
+  if is_remote(path):  # an object is replaced whole: already atomic
+    epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -181,14 +191,25 @@ def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[
     is_dir = os.path.isdir(src) and name in ASSET_DIRS
     if not (is_file or is_dir):
       continue
-    os.makedirs(dst_dir, exist_ok=True)
     dst = os.path.join(dst_dir, name)
+    if is_remote(dst_dir):
+      epath.Path(src).copy(epath.Path(dst), overwrite=True) if is_file else _copy_tree_remote(src, dst)
+      copied.append(name)
+      continue
+    os.makedirs(dst_dir, exist_ok=True)
     if is_dir:
       shutil.copytree(src, dst, dirs_exist_ok=True)
     else:
       shutil.copyfile(src, dst)
     copied.append(name)
   return copied
+
+
+def _copy_tree_remote(src: str, dst: str) -> None:
+  for dirpath, _, files in os.walk(src):
+    for f in files:
+      rel = os.path.relpath(os.path.join(dirpath, f), src)
+      epath.Path(os.path.join(dirpath, f)).copy(epath.Path(dst) / rel, overwrite=True)
 
 
 def write_root(ckpt_dir: str | os.PathLike, hf_config: Mapping[str, Any],
@@ -199,7 +220,7 @@ def write_root(ckpt_dir: str | os.PathLike, hf_config: Mapping[str, Any],
   """
   Qwen25VLConfig.from_hf_dict(hf_config)  # fail now, not at export time
   ckpt_dir = os.fspath(ckpt_dir)
-  os.makedirs(ckpt_dir, exist_ok=True)
+  epath.Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() != 0:  # one writer on a shared file system
     return
   _write_json_atomic(os.path.join(ckpt_dir, HF_CONFIG), dict(hf_config))
@@ -210,11 +231,11 @@ def write_root(ckpt_dir: str | os.PathLike, hf_config: Mapping[str, Any],
 def find_root(path: str | os.PathLike) -> str:
   """The checkpoint root for a converter output or a trainer WORKDIR (its `checkpoints/` folder)."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
   for cand in (path, os.path.join(path, CHECKPOINTS_SUBDIR)):
-    if os.path.isfile(os.path.join(cand, HF_CONFIG)):
-      return os.path.abspath(cand)  # Orbax wants absolute paths
+    if epath.Path(cand, HF_CONFIG).is_file():
+      return cand if is_remote(cand) else os.path.abspath(cand)  # Orbax wants absolute paths
   raise CheckpointError(f"{path!r} is not an mgpo_jax checkpoint: no {HF_CONFIG} in it "
                         f"or in {os.path.join(path, CHECKPOINTS_SUBDIR)!r}")
 
@@ -258,7 +279,7 @@ def all_steps(ckpt_dir: str | os.PathLike) -> list[int]:
   """Committed steps that hold a PARAMS item, ascending."""
   root = find_root(ckpt_dir)
   steps = ocp.utils.checkpoint_steps(root)  # skips Orbax's in-progress temporary step directories
-  return sorted(s for s in steps if os.path.isdir(os.path.join(root, str(s), PARAMS)))
+  return sorted(s for s in steps if epath.Path(root, str(s), PARAMS).is_dir())
 
 
 def latest_step(ckpt_dir: str | os.PathLike) -> int | None:

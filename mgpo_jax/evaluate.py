@@ -4,7 +4,8 @@
 
 `--checkpoint` is a trainer workdir, a checkpoint root (`tools/convert_weights.py` output) or a
 Hugging Face model directory; without it the config's initial model is evaluated. Writes
-<checkpoint or --out_dir>/eval_<step>.json and prints the numbers. The trainer calls `evaluate`
+<checkpoint or --out_dir>/eval_<step>.json (the numbers, also printed) and
+eval_<step>_predictions.jsonl (per sample: id, category, the model's text of each turn, box, reward). The trainer calls `evaluate`
 every `train.eval_every` steps.
 """
 
@@ -24,12 +25,13 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate(engine, samples: Sequence[Mapping[str, Any]], *, batch_size: int, rng=None,
-             categories: Sequence[str] = ()) -> dict[str, float]:
+             categories: Sequence[str] = (), predictions: list | None = None) -> dict[str, float]:
   """Accuracy (mean reward of one greedy rollout per sample) over all processes' samples.
 
   Every process runs its own `samples`; counts are summed over processes, so each must call this
   (with the same `categories`, the sorted union of the eval set's categories) even with no samples.
-  Returns eval/accuracy, eval/accuracy/<category>, eval/valid_box_rate, eval/num_samples.
+  Returns eval/accuracy, eval/accuracy/<category>, eval/valid_box_rate, eval/num_samples. With a
+  `predictions` list, appends one dict per local sample (id, texts of each turn, box, reward).
   """
   rng = jax.random.key(0) if rng is None else rng
   correct, count, boxes = collections.Counter(), collections.Counter(), 0
@@ -41,6 +43,10 @@ def evaluate(engine, samples: Sequence[Mapping[str, Any]], *, batch_size: int, r
       correct[category] += float(tr.reward)
       count[category] += 1
       boxes += bool(tr.box_valid) and bool(tr.box_valid[0])
+      if predictions is not None:
+        predictions.append({"id": str(batch[tr.sample_index].get("id", "")), "category": category,
+                            "texts": list(tr.texts), "box": list(tr.boxes[0]) if tr.boxes and tr.boxes[0] else None,
+                            "reward": float(tr.reward)})
   categories = sorted(set(categories) | set(count)) if jax.process_count() == 1 else list(categories)
   local = np.asarray([[correct[c], count[c]] for c in categories] + [[boxes, sum(count.values())]],
                      np.float64).reshape(-1, 2)
@@ -77,6 +83,7 @@ def main(argv: Sequence[str]) -> None:
   from mgpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import train  # pylint: disable=g-import-not-at-top
   from mgpo_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
@@ -88,18 +95,18 @@ def main(argv: Sequence[str]) -> None:
   schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                               check_paths=not FLAGS.checkpoint)
   workdir = FLAGS.out_dir or FLAGS.checkpoint or "/tmp/mgpo_eval"
-  os.makedirs(workdir, exist_ok=True)
+  metrics_lib.makedirs(workdir)
   mesh = experiment.make_mesh(config)
   step = 0
   ckpt = FLAGS.checkpoint
-  if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")):  # a Hugging Face directory
+  if ckpt and not ckpt_lib.is_remote(ckpt) and os.path.isfile(os.path.join(ckpt, "config.json")):  # HF dir
     tokenizer = tok_lib.load_tokenizer(ckpt)
     model = params_lib.from_pretrained(ckpt, mesh=mesh)
   elif ckpt:
     root = ckpt_lib.find_root(ckpt)
     assets = os.path.join(root, ckpt_lib.HF_ASSETS)
     # The run's tokenizer travels with its checkpoint (hf_assets); a locally built one is in the workdir.
-    if os.path.isfile(os.path.join(assets, "tokenizer.json")):
+    if not ckpt_lib.is_remote(assets) and os.path.isfile(os.path.join(assets, "tokenizer.json")):
       tokenizer = tok_lib.load_tokenizer(assets)
     else:
       tokenizer = experiment.load_tokenizer(config, ckpt)
@@ -112,12 +119,17 @@ def main(argv: Sequence[str]) -> None:
   params = nnx.state(model, nnx.Param)
   policy = experiment.PolicySampler(config, learner, tokenizer, params)
   engine = experiment.make_engine(config, policy.sampler, tokenizer, greedy=True)
+  predictions = []
   result = evaluate(engine, experiment.eval_samples(config), batch_size=config.eval.batch_size,
-                    categories=eval_categories(config))
+                    categories=eval_categories(config), predictions=predictions)
   print(json.dumps(result, indent=1, sort_keys=True))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1, sort_keys=True)
+    metrics_lib.write_file(metrics_lib.join_path(workdir, f"eval_{step}.json"),
+                           json.dumps(result, indent=1, sort_keys=True).encode())
+  # Every process writes its own samples' rollouts.
+  name = f"eval_{step}_predictions" + (f".process{jax.process_index()}" if jax.process_count() > 1 else "")
+  metrics_lib.write_file(metrics_lib.join_path(workdir, name + ".jsonl"),
+                         "".join(json.dumps(p) + "\n" for p in predictions).encode())
 
 
 def _define_flags() -> None:

@@ -16,9 +16,10 @@ never waits on another host. The learner's update is one SPMD program over all d
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,10 +92,13 @@ def load_tokenizer(config: Any, workdir: str):
   if m.tokenizer == schema_lib.TOKENIZER_FROM_HF_DIR:
     return tok_lib.load_tokenizer(m.hf_dir)
   if m.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
-    path = os.path.join(workdir, TOKENIZER_SUBDIR)
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-      tok_lib.build_tokenizer(path + ".tmp", vocab_size=m.tokenizer_vocab_size)
-      os.replace(path + ".tmp", path)  # a killed build never leaves a half-written tokenizer
+    path = tokenizer_dir(config, workdir)
+    # Built by one process on a shared folder; with a remote workdir by every host into a local cache
+    # (the build is deterministic).
+    if (jax.process_index() == 0 or _is_remote(workdir)) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+      tmp = f"{path}.tmp-{os.getpid()}"
+      tok_lib.build_tokenizer(tmp, vocab_size=m.tokenizer_vocab_size)
+      os.replace(tmp, path)  # a killed build never leaves a half-written tokenizer
     barrier("tokenizer")
     return tok_lib.load_tokenizer(path)
   return tok_lib.load_tokenizer(m.tokenizer)
@@ -106,8 +110,14 @@ def tokenizer_dir(config: Any, workdir: str) -> str | None:
   if m.tokenizer == schema_lib.TOKENIZER_FROM_HF_DIR:
     return m.hf_dir or None
   if m.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
+    if _is_remote(workdir):  # transformers reads local folders only
+      return os.path.join(os.path.expanduser("~/.cache/mgpo_jax"), f"tokenizer_{m.tokenizer_vocab_size}")
     return os.path.join(workdir, TOKENIZER_SUBDIR)
   return m.tokenizer
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
 
 
 def build_model_config(config: Any, tokenizer) -> Qwen25VLConfig:
@@ -125,6 +135,15 @@ def build_model_config(config: Any, tokenizer) -> Qwen25VLConfig:
     raise schema_lib.ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's "
                                  f"vocab_size={cfg.vocab_size}")
   return cfg
+
+
+def hf_config(config: Any, model_cfg: Qwen25VLConfig) -> dict[str, Any]:
+  """The HF config dict checkpoints carry: the checkpoint's own config.json verbatim when the weights
+  come from one (exports stay faithful to it), else the model config's."""
+  if config.model.init == schema_lib.ModelInit.HF:
+    with open(os.path.join(config.model.hf_dir, "config.json"), encoding="utf-8") as f:
+      return json.load(f)
+  return model_cfg.to_hf_dict()
 
 
 def build_model(config: Any, model_cfg: Qwen25VLConfig, mesh: Mesh):
@@ -235,9 +254,3 @@ def make_engine(config: Any, sampler, tokenizer, greedy: bool = False):
   from mgpo_jax.rollout import engine as engine_lib  # pylint: disable=g-import-not-at-top
 
   return engine_lib.RolloutEngine(sampler, tokenizer, schema_lib.rollout_config(config, greedy=greedy))
-
-
-def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-  """`items` in consecutive pieces of at most `size` (size 0: one piece)."""
-  size = size or len(items)
-  return [items[i:i + size] for i in range(0, len(items), size)]

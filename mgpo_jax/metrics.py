@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Shown in the progress bar when present (a metric matches by name or by its last "/" part).
-PROGRESS_KEYS = ("reward", "valid_box", "loss", "kl", "entropy", "lr")
+PROGRESS_KEYS = ("rollout/reward_mean", "rollout/valid_box_rate", "train/loss", "train/kl", "train/entropy", "eval/accuracy")
 
 # ------------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli) and TFRecord framing.

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 ARGS = [f"--config.train.num_steps={STEPS}", "--config.train.eval_every=2",
         "--config.train.checkpoint_every=2", "--config.train.visualize_every=4",
-        "--config.train.keep_checkpoints=2"]
+        "--config.train.keep_checkpoints=2", "--config.train.export_hf_at_end=True"]
 
 
 def _cmd(workdir, *extra):
@@ -64,6 +64,8 @@ def test_quick_start_writes_metrics_checkpoints_and_rollout_pages(uninterrupted)
     assert os.path.isdir(os.path.join(ckpt, "8", item)), item
   assert os.path.isfile(os.path.join(ckpt, "hf_config.json"))
   assert os.path.isfile(os.path.join(ckpt, "hf_assets", "tokenizer.json"))
+  export = os.path.join(uninterrupted, "hf_export")
+  assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(os.listdir(export))
   pages = os.listdir(os.path.join(uninterrupted, "rollouts"))
   assert {"index.html", "step_000004.html", "step_000008.html"} <= set(pages)
   html = open(os.path.join(uninterrupted, "rollouts", "step_000004.html"), encoding="utf-8").read()
@@ -113,3 +115,53 @@ def test_invalid_config_fails_before_building_anything(tmp_path):
   proc = subprocess.run(_cmd(tmp_path / "bad", "--config.rl.advantag=grpo"), cwd=REPO, env=_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "advantag" in proc.stderr
+
+
+def test_evaluate_and_export_reproduce_the_runs_final_evaluation(uninterrupted, tmp_path):
+  """The saved policy, evaluated from the checkpoint and from its HF export, scores what the run logged."""
+  logged = metrics_lib.read_metrics(uninterrupted)[-1]
+  evaluate = [sys.executable, "-m", "mgpo_jax.evaluate"]
+  proc = subprocess.run(evaluate + [f"--checkpoint={uninterrupted}", f"--out_dir={tmp_path}"], cwd=REPO,
+                        env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  from_ckpt = json.load(open(tmp_path / f"eval_{STEPS}.json"))
+  assert from_ckpt == {k: v for k, v in logged.items() if k.startswith("eval/")}
+
+  hf_dir = tmp_path / "hf"
+  proc = subprocess.run([sys.executable, "tools/convert_weights.py", "--direction=jax_to_hf",
+                         f"--src={uninterrupted}", f"--dst={hf_dir}", "--no_progress"], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir)
+  assert transformers.AutoTokenizer.from_pretrained(hf_dir).convert_tokens_to_ids("<|image_pad|>") is not None
+  out = tmp_path / "from_hf"
+  proc = subprocess.run(evaluate + [f"--checkpoint={hf_dir}", f"--out_dir={out}"], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert json.load(open(out / "eval_0.json")) == from_ckpt
+  # The same rollouts, text for text (a random policy's answers are mostly wrong, its texts not trivial).
+  preds = [open(d, encoding="utf-8").read() for d in (tmp_path / f"eval_{STEPS}_predictions.jsonl",
+                                                     out / "eval_0_predictions.jsonl")]
+  assert preds[0] == preds[1] and len(preds[0].splitlines()) == 4
+  assert all(json.loads(l)["texts"][0] for l in preds[0].splitlines())
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits(tmp_path):
+  workdir = tmp_path / "run_c"
+  proc = subprocess.Popen(_cmd(workdir, "--config.train.num_steps=100", "--config.train.checkpoint_every=0",
+                               "--config.train.eval_every=0", "--config.train.export_hf_at_end=False"),
+                          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 600
+  while not (metrics.exists() and metrics.read_text().strip()):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)  # what a TPU preemption sends
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  last = max(r["step"] for r in metrics_lib.read_metrics(workdir))
+  assert last < 100
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps == [last]  # no periodic checkpoints: this one was written because of the signal
+  assert "preempted" in err

@@ -34,6 +34,7 @@ from mgpo_jax import checkpoint as ckpt_lib
 from mgpo_jax import config_schema as schema_lib
 from mgpo_jax import experiment
 from mgpo_jax import metrics as metrics_lib
+from mgpo_jax import sampling
 from mgpo_jax import visualize
 from mgpo_jax.data import pipeline
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
@@ -148,34 +149,33 @@ def _global_mean(values: dict[str, float]) -> dict[str, float]:
   return dict(zip(keys, v.mean(axis=0).tolist()))
 
 
-def _bucket(n: int, buckets, what: str) -> int:
-  for b in sorted(buckets):
-    if n <= b:
-      return int(b)
-  raise ValueError(f"{what}: {n} exceeds the largest bucket {max(buckets)}; raise the config's buckets")
-
-
 def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model_cfg, pad_id: int):
-  """Rollouts of this process's `samples` -> (host TrainBatch, trajectories, rollout metrics)."""
+  """Rollouts of this process's `samples` -> (host TrainBatch, trajectories, rollout metrics).
+
+  Samples are decoded `rollout.sampling_batch_size` at a time; a trajectory's `sample_index` is its
+  sample's index in `samples`, its group id that plus `group_offset` (unique over processes).
+  """
   from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
 
-  trajectories, group_ids, metrics, host_s, total_s = [], [], [], 0.0, 0.0
-  for chunk_start, chunk in zip(range(0, len(samples), config.rollout.sampling_batch_size or len(samples)),
-                                experiment.chunks(samples, config.rollout.sampling_batch_size)):
-    result = engine.run(chunk, rng)
+  trajectories, metrics, host_s, total_s = [], [], 0.0, 0.0
+  size = config.rollout.sampling_batch_size or len(samples)
+  for start in range(0, len(samples), size):
+    result = engine.run(samples[start:start + size], rng)
+    for tr in result.trajectories:
+      tr.sample_index += start
     trajectories += result.trajectories
-    group_ids += [group_offset + chunk_start + g for g in result.group_ids]
     metrics.append(result.metrics)
-    t = result.timings
-    host_s += sum(t.host_s[1:])  # between turns: decode, parse, crop, preprocess, render
-    total_s += t.total_s
+    host_s += sum(result.timings.host_s[1:])  # between turns: decode, parse, crop, preprocess, render
+    total_s += result.timings.total_s
   num_turns = engine.cfg.num_turns
   max_len = max(len(t.token_ids) for t in trajectories)
   max_patches = max(sum(int(np.prod(g)) for g in t.image_grids) for t in trajectories)
   max_len, max_patches = _global_max(max_len, max_patches)
   batch = traj_lib.to_train_batch(
-      trajectories, group_ids, seq_bucket=_bucket(max_len, config.rollout.seq_buckets, "sequence length"),
-      patch_bucket=_bucket(max_patches, config.rollout.patch_buckets, "patches per row"),
+      trajectories, [group_offset + t.sample_index for t in trajectories],
+      seq_bucket=sampling.bucket(max_len, config.rollout.seq_buckets, "sequence length (rollout.seq_buckets)"),
+      patch_bucket=sampling.bucket(max_patches, config.rollout.patch_buckets,
+                                   "patches per row (rollout.patch_buckets)"),
       max_images=num_turns, pad_id=pad_id, vision_cfg=model_cfg.vision, max_turns=num_turns,
       image_token_id=model_cfg.image_token_id)
   means = {f"rollout/{k}": float(np.mean([m[k] for m in metrics if k in m])) for k in metrics[0]}
@@ -188,8 +188,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the experiment `config` in `workdir`; returns the last step's metrics."""
   schema_lib.validate(config)
   schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if not ckpt_lib.is_remote(workdir):  # gs://... is used as given (Orbax, epath)
+    workdir = os.path.abspath(workdir)
+  metrics_lib.makedirs(workdir)
   t = config.train
 
   mesh = experiment.make_mesh(config)
@@ -197,7 +198,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   model_cfg = experiment.build_model_config(config, tokenizer)
   learner = Learner(schema_lib.learner_config(config), model_cfg, mesh)
   root = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
-  ckpt_lib.write_root(root, model_cfg.to_hf_dict(), assets_from=experiment.tokenizer_dir(config, workdir))
+  ckpt_lib.write_root(root, experiment.hf_config(config, model_cfg),
+                      assets_from=experiment.tokenizer_dir(config, workdir))
   mngr = _checkpoint_manager(config, root)
 
   local_batch = config.data.batch_size // jax.process_count()
@@ -281,5 +283,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     preempt.restore()
 
   if t.export_hf_at_end and step == t.num_steps and jax.process_index() == 0:
-    ckpt_lib.export_hf(root, os.path.join(workdir, "hf_export"), step=step)
+    # safetensors are written to a local folder; a remote run exports next to the user's home.
+    dst = (os.path.join(os.path.expanduser("~/mgpo_hf_export"), os.path.basename(workdir.rstrip("/")))
+           if ckpt_lib.is_remote(workdir) else os.path.join(workdir, "hf_export"))
+    logger.info("exporting step %d as a Hugging Face checkpoint to %s", step, dst)
+    ckpt_lib.export_hf(root, dst, step=step, overwrite=True)
   return last
