@@ -83,22 +83,39 @@ def test_no_recompilation_after_warm_up(uninterrupted):
   assert [r["compile/xla_compilations"] for r in rows[2:]] == [0] * (STEPS - 2)
 
 
-def test_sigkill_then_restart_resumes_with_identical_metrics(uninterrupted, tmp_path):
+def _wait_for(proc, ready, what):
+  deadline = time.time() + 600
+  while not ready():
+    assert proc.poll() is None, f"the run ended before {what}"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.2)
+
+
+def test_sigkill_sigterm_and_restarts_give_the_uninterrupted_runs_metrics(uninterrupted, tmp_path):
+  """Killed (SIGKILL) after its step-2 checkpoint, restarted, preempted (SIGTERM) later, restarted
+  again: the metrics of every step equal those of the run that was never interrupted."""
   workdir = tmp_path / "run_b"
+  logged = lambda: [r["step"] for r in metrics_lib.read_metrics(workdir)] if (workdir / "metrics.jsonl").exists() else []
   proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  committed = workdir / "checkpoints" / "4"
-  deadline = time.time() + 600
-  try:
-    while not committed.is_dir():  # Orbax renames the step folder into place once it is complete
-      assert proc.poll() is None, "the run ended before its step-4 checkpoint"
-      assert time.time() < deadline
-      time.sleep(0.2)
+  try:  # Orbax renames a step folder into place once it is complete
+    _wait_for(proc, (workdir / "checkpoints" / "2").is_dir, "its step-2 checkpoint")
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  killed_at = max(r["step"] for r in metrics_lib.read_metrics(workdir))
-  assert killed_at < STEPS
+  assert max(logged()) < STEPS
+
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for(proc, lambda: max(logged(), default=0) >= 4, "step 4 after the restart")
+  proc.send_signal(signal.SIGTERM)  # what a TPU preemption sends
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
+  last = max(logged())
+  assert last < STEPS
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps[-1] == last  # the step it was in when the signal came is saved, periodic or not
+
   _run(workdir)
   want = [_maths(r) for r in metrics_lib.read_metrics(uninterrupted)]
   got = [_maths(r) for r in metrics_lib.read_metrics(workdir)]
@@ -145,23 +162,3 @@ def test_evaluate_and_export_reproduce_the_runs_final_evaluation(uninterrupted, 
                                                      out / "eval_0_predictions.jsonl")]
   assert preds[0] == preds[1] and len(preds[0].splitlines()) == 4
   assert all(json.loads(l)["texts"][0] for l in preds[0].splitlines())
-
-
-def test_sigterm_checkpoints_the_current_step_and_exits(tmp_path):
-  workdir = tmp_path / "run_c"
-  proc = subprocess.Popen(_cmd(workdir, "--config.train.num_steps=100", "--config.train.checkpoint_every=0",
-                               "--config.train.eval_every=0", "--config.train.export_hf_at_end=False"),
-                          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 600
-  while not (metrics.exists() and metrics.read_text().strip()):
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)  # what a TPU preemption sends
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  last = max(r["step"] for r in metrics_lib.read_metrics(workdir))
-  assert last < 100
-  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-  assert steps == [last]  # no periodic checkpoints: this one was written because of the signal
-  assert "preempted" in err

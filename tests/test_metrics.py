@@ -237,10 +237,10 @@ def test_progress_bar_shows_the_key_numbers(tmp_path):
   stream = io.StringIO()
   with metrics.MetricsWriter(tmp_path, is_primary=True, start_step=2, total_steps=10,
                              progress_stream=stream) as w:
-    w.write_scalars(3, {"rollout/reward": 0.625, "loss": 0.0123, "other": 99.0})
+    w.write_scalars(3, {"rollout/reward_mean": 0.625, "train/loss": 0.0123, "other": 99.0})
   out = stream.getvalue()
   assert "3/10" in out
-  assert "reward=0.625" in out and "loss=0.0123" in out and "other" not in out
+  assert "reward_mean=0.625" in out and "loss=0.0123" in out and "other" not in out
 
 
 def test_remote_paths_rewrite_whole_objects(tmp_path, monkeypatch):
