@@ -136,7 +136,7 @@ class Qwen25VL(nnx.Module):
     self.final_norm = p((D,), ("norm",), init="ones")
     if not cfg.tie_word_embeddings:
       self.lm_head = p((D, V), ("embed", "vocab"))
-    self.remat = False  # set by the trainer: recompute each decoder layer in the backward pass
+    self.remat = False  # set by the trainer: recompute each decoder and vision block in the backward pass
 
   # ------------------------------------------------------------------ pieces
   def embed_tokens(self, input_ids_BT, mask_BT, vision: VisionInputs | None):
@@ -146,12 +146,12 @@ class Qwen25VL(nnx.Module):
     is_img = (input_ids_BT == self.cfg.image_token_id) & mask_BT.astype(bool)
     if vision.pixels_PC.ndim == 3:
       # Batched layout: each row carries its own images, so rows shard together with their pixels.
-      feats_BUD = jax.vmap(self.visual)(vision).astype(x_BTD.dtype)
+      feats_BUD = jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision).astype(x_BTD.dtype)
       idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
       gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
     else:
       # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
-      feats_UD = self.visual(vision).astype(x_BTD.dtype)
+      feats_UD = self.visual(vision, remat=self.remat).astype(x_BTD.dtype)
       idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
       gathered = feats_UD[jnp.clip(idx, 0, feats_UD.shape[0] - 1)]
     return jnp.where(is_img[..., None], gathered, x_BTD)

@@ -125,6 +125,45 @@ def _frame_base(grid: np.ndarray, i: int) -> int:
   return int(grid[:i, 0].sum())
 
 
+ATTENTION_CHUNK = 512  # query patches per attention chunk
+
+
+def chunked_attention(q_PNH, k_PNH, v_PNH, seg_P, scale: float, *, band: int | None = None,
+                      chunk: int = ATTENTION_CHUNK) -> jax.Array:
+  """Attention where patch i sees patch j iff seg[i] == seg[j], one chunk of queries at a time.
+
+  Never builds the [P, P] score matrix: a chunk of C queries scores against all P keys (full
+  blocks: segments = images) or, with `band`, only against the keys within `band` positions of the
+  chunk (window blocks: segments are contiguous runs of at most `band` patches), i.e. [C, C + 2 band].
+  Each chunk is rematerialised in the backward pass, so its scores are never kept for all chunks.
+  """
+  P, N, H = q_PNH.shape
+  C = min(chunk, P)
+  num_chunks = -(-P // C)
+  extra = num_chunks * C - P
+  q_PNH = jnp.pad(q_PNH, ((0, extra), (0, 0), (0, 0)))
+  seg_q = jnp.pad(seg_P, (0, extra), constant_values=-2)  # padded queries see nothing; dropped below
+  width = 0 if band is None else band
+  if band is not None:  # pad keys so that every chunk's key window is in range
+    k_PNH, v_PNH = (jnp.pad(x, ((band, band + extra), (0, 0), (0, 0))) for x in (k_PNH, v_PNH))
+    seg_k = jnp.pad(seg_P, (band, band + extra), constant_values=-3)
+  else:
+    seg_k = seg_P
+
+  def one(c):
+    q_CNH = jax.lax.dynamic_slice_in_dim(q_PNH, c * C, C)
+    sq_C = jax.lax.dynamic_slice_in_dim(seg_q, c * C, C)
+    if band is None:
+      k_SNH, v_SNH, sk_S = k_PNH, v_PNH, seg_k
+    else:  # padded index c*C is original index c*C - band
+      k_SNH, v_SNH, sk_S = (jax.lax.dynamic_slice_in_dim(x, c * C, C + 2 * width) for x in (k_PNH, v_PNH, seg_k))
+    mask_CS = sq_C[:, None] == sk_S[None, :]
+    return attention(q_CNH[None], k_SNH[None], v_SNH[None], mask_CS[None], scale)[0]
+
+  out = jax.lax.map(jax.checkpoint(one), jnp.arange(num_chunks))
+  return out.reshape(num_chunks * C, N, H)[:P]
+
+
 class VisionTower(nnx.Module):
   """Stacked vision blocks run with one `lax.scan`; parameters carry logical sharding axes."""
 
@@ -152,8 +191,11 @@ class VisionTower(nnx.Module):
     self.merger_fc2 = p((Dm, cfg.out_hidden_size), ("mlp", "embed"))
     self.merger_fc2_bias = p((cfg.out_hidden_size,), ("norm",), init="zeros")
 
-  def __call__(self, vis: VisionInputs) -> jax.Array:
-    """Returns merged features [U, out_hidden_size] in HF order (padding rows at the end)."""
+  def __call__(self, vis: VisionInputs, remat: bool = False) -> jax.Array:
+    """Returns merged features [U, out_hidden_size] in HF order (padding rows at the end).
+
+    `remat`: recompute each block in the backward pass (training at full resolution).
+    """
     cfg = self.cfg
     dtype = self.patch_embed[...].dtype
     x_PD = vis.pixels_PC.astype(dtype) @ self.patch_embed[...]
@@ -166,10 +208,12 @@ class VisionTower(nnx.Module):
     f_PH = jnp.concatenate([f_PH, f_PH], -1)
     cos, sin = jnp.cos(f_PH)[:, None], jnp.sin(f_PH)[:, None]
 
-    window_PP = vis.window_seg_P[:, None] == vis.window_seg_P[None, :]
-    full_PP = vis.image_seg_P[:, None] == vis.image_seg_P[None, :]
     is_full_L = jnp.zeros(cfg.depth, bool).at[jnp.asarray(cfg.fullatt_block_indexes, jnp.int32)].set(True)
     scale = cfg.head_dim ** -0.5
+    # A window holds at most (window / patch)^2 patches, contiguous in window order.
+    band = (cfg.window_size // cfg.patch_size) ** 2
+    windowed = lambda q, k, v: chunked_attention(q, k, v, vis.window_seg_P, scale, band=band)
+    full = lambda q, k, v: chunked_attention(q, k, v, vis.image_seg_P, scale)
 
     layer_params = dict(
         norm1=self.norm1[...], qkv=self.qkv[...], qkv_bias=self.qkv_bias[...], proj=self.proj[...],
@@ -183,14 +227,15 @@ class VisionTower(nnx.Module):
       qkv_P3NH = jnp.einsum("PD,DQNH->PQNH", h, w["qkv"]) + w["qkv_bias"]
       q, k, v = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      mask_PP = jnp.where(is_full, full_PP, window_PP)
-      o_PNH = attention(q[None], k[None], v[None], mask_PP[None], scale)[0]
+      o_PNH = jax.lax.cond(is_full, full, windowed, q, k, v)
       x_PD = x_PD + jnp.einsum("PNH,NHD->PD", o_PNH, w["proj"]) + w["proj_bias"]
       h = rms_norm(x_PD, w["norm2"], VISION_NORM_EPS)
       g = jax.nn.silu(h @ w["gate"] + w["gate_bias"])
       x_PD = x_PD + (g * (h @ w["up"] + w["up_bias"])) @ w["down"] + w["down_bias"]
       return x_PD, None
 
+    if remat:
+      block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     x_PD, _ = jax.lax.scan(block, x_PD, (layer_params, is_full_L))
     h = rms_norm(x_PD, self.merger_norm[...], VISION_NORM_EPS)
     h_UM = h.reshape(-1, cfg.merge_unit * cfg.hidden_size)
