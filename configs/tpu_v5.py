@@ -3,8 +3,10 @@
 v5p-64 = 32 chips (95 GiB HBM each) on 8 hosts. Mesh ('data', 'fsdp', 'tensor') = (1, 16, 2): the
 learner shards the float32 weights and AdamW state 32 ways (FSDP x tensor, ~4 GiB a chip); each
 host's sampler keeps a bfloat16 copy tensor-parallel over its 4 chips (~4 GiB a chip), leaving the
-rest for KV caches. For another slice size change only the mesh, e.g.
-v5p-128: --config.mesh.shape='(1,32,2)'. Launch: launch/README.md.
+rest for KV caches. The TPU compiler puts the update program at 53 GiB a chip with full-resolution
+images (`tools/plan.py --config=configs/tpu_v5.py --topology=v5p-64 --aot --aot_backend=tpu`,
+bench/README.md). For another slice size change only the mesh, e.g. v5p-128:
+--config.mesh.shape='(1,32,2)' (smaller slices: the plans in bench/README.md). Launch: launch/README.md.
 
   python -m mgpo_jax.main --config=configs/tpu_v5.py --workdir=gs://BUCKET/runs/mgpo_7b
 """

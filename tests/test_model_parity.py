@@ -50,8 +50,9 @@ def test_text_only_batch_left_padding(ref_untied, ours_untied):
   compare(ours_untied, ref_untied[1], ids, mask)
 
 
-@pytest.mark.parametrize("grid", [(1, 20, 12), (1, 16, 16), (1, 4, 6), (1, 10, 34)],
-                         ids=["several_windows", "divisible_by_window", "single_window", "wide"])
+# "chunked": 1280 patches > vision.ATTENTION_CHUNK, so the vision tower attends in query chunks.
+@pytest.mark.parametrize("grid", [(1, 20, 12), (1, 16, 16), (1, 4, 6), (1, 10, 34), (1, 32, 40)],
+                         ids=["several_windows", "divisible_by_window", "single_window", "wide", "chunked"])
 def test_one_image(ref_untied, ours_untied, grid):
   rng = np.random.default_rng(1)
   ids = np.array([R.image_prompt([grid])])

@@ -22,7 +22,7 @@ def _dense(q, k, v, seg, scale):
   return attention(q[None], k[None], v[None], (seg[:, None] == seg[None, :])[None], scale)[0]
 
 
-@pytest.mark.parametrize("P,chunk,band,pad", [(100, 16, 8, 0), (100, 16, 8, 12), (64, 64, 8, 4),
+@pytest.mark.parametrize("P,chunk,band,pad", [(100, 16, 8, 0), (100, 16, 8, 12), (64, 64, 8, 4), (64, 16, 8, 4),
                                                (37, 8, None, 5), (130, 32, None, 0)])
 def test_chunked_equals_dense(P, chunk, band, pad):
   rng = np.random.default_rng(P + chunk)

@@ -138,7 +138,10 @@ def chunked_attention(q_PNH, k_PNH, v_PNH, seg_P, scale: float, *, band: int | N
   Each chunk is rematerialised in the backward pass, so its scores are never kept for all chunks.
   """
   P, N, H = q_PNH.shape
-  C = min(chunk, P)
+  if P <= chunk:  # one chunk: the plain masked attention is the same computation, and cheaper
+    mask_PP = seg_P[:, None] == seg_P[None, :]
+    return attention(q_PNH[None], k_PNH[None], v_PNH[None], mask_PP[None], scale)[0]
+  C = chunk
   num_chunks = -(-P // C)
   extra = num_chunks * C - P
   q_PNH = jnp.pad(q_PNH, ((0, extra), (0, 0), (0, 0)))
@@ -214,6 +217,15 @@ class VisionTower(nnx.Module):
     band = (cfg.window_size // cfg.patch_size) ** 2
     windowed = lambda q, k, v: chunked_attention(q, k, v, vis.window_seg_P, scale, band=band)
     full = lambda q, k, v: chunked_attention(q, k, v, vis.image_seg_P, scale)
+    if x_PD.shape[0] <= ATTENTION_CHUNK:
+      # Small inputs: one dense masked attention, the mask picked per block (no `cond`, which would
+      # keep XLA from fusing across it).
+      window_PP = vis.window_seg_P[:, None] == vis.window_seg_P[None, :]
+      full_PP = vis.image_seg_P[:, None] == vis.image_seg_P[None, :]
+      dense = lambda is_full: lambda q, k, v: attention(
+          q[None], k[None], v[None], jnp.where(is_full, full_PP, window_PP)[None], scale)[0]
+    else:
+      dense = None
 
     layer_params = dict(
         norm1=self.norm1[...], qkv=self.qkv[...], qkv_bias=self.qkv_bias[...], proj=self.proj[...],
@@ -227,7 +239,7 @@ class VisionTower(nnx.Module):
       qkv_P3NH = jnp.einsum("PD,DQNH->PQNH", h, w["qkv"]) + w["qkv_bias"]
       q, k, v = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      o_PNH = jax.lax.cond(is_full, full, windowed, q, k, v)
+      o_PNH = dense(is_full)(q, k, v) if dense else jax.lax.cond(is_full, full, windowed, q, k, v)
       x_PD = x_PD + jnp.einsum("PNH,NHD->PD", o_PNH, w["proj"]) + w["proj_bias"]
       h = rms_norm(x_PD, w["norm2"], VISION_NORM_EPS)
       g = jax.nn.silu(h @ w["gate"] + w["gate_bias"])
