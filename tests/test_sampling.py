@@ -184,6 +184,15 @@ def test_top_k_sampling_in_the_loop_picks_only_top_k(sampler, model):
   assert len(set(out.tokens[0].tolist())) > 1
 
 
+def test_first_argmax_equals_argmax_including_ties():
+  from mgpo_jax.sampling.logits import first_argmax
+  rng = np.random.default_rng(8)
+  x = rng.integers(-3, 4, size=(64, 50)).astype(np.float32)  # many ties
+  x[3] = -np.inf
+  x[4, 7] = np.inf
+  np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_per_row_keys_make_a_rows_samples_independent_of_the_batch(sampler):
   rng = np.random.default_rng(7)
   rows = [list(rng.integers(0, 280, n)) for n in (9, 4, 6)]

@@ -56,6 +56,15 @@ def filter_logits(scaled_BV, top_k, top_p, max_top_k: int):
   return jax.lax.cond(top_p < 1.0, lambda x: top_p_mask(x, top_p), lambda x: x, scaled_BV)
 
 
+def first_argmax(x_BV):
+  """argmax over the last axis (first index on ties) as max + min-index: two plain reductions, which
+  XLA:CPU runs several times faster than the variadic (value, index) reduce of `jnp.argmax`."""
+  V = x_BV.shape[-1]
+  iota_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  hit_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+  return jnp.minimum(jnp.min(jnp.where(hit_BV, iota_BV, V), axis=-1), V - 1)
+
+
 def choose(logits_BV, params: SamplingParams, key, max_top_k: int, forced_B=None):
   """Chosen tokens [B] and their log-probs [B] (see the module docstring for which distribution).
 
@@ -70,12 +79,17 @@ def choose(logits_BV, params: SamplingParams, key, max_top_k: int, forced_B=None
   V = logits_BV.shape[-1]
   banned_K = jnp.where(params.banned_K >= 0, params.banned_K, V)  # V: out of range, dropped
   scaled_BV = scaled_BV.at[:, banned_K].set(_MASKED, mode="drop")
-  filtered_BV = filter_logits(scaled_BV, params.top_k, params.top_p, max_top_k)
-  if jnp.ndim(key) == 1:  # one key per row: a row's sample does not depend on the rest of the batch
-    sampled_B = jax.vmap(jax.random.categorical)(key, filtered_BV)
-  else:
-    sampled_B = jax.random.categorical(key, filtered_BV)
-  tok_B = jnp.where(greedy, jnp.argmax(scaled_BV, axis=-1), sampled_B).astype(jnp.int32)
+
+  def sample():
+    filtered_BV = filter_logits(scaled_BV, params.top_k, params.top_p, max_top_k)
+    if jnp.ndim(key) == 1:  # one key per row: a row's sample does not depend on the rest of the batch
+      gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(key)
+    else:
+      gumbel_BV = jax.random.gumbel(key, filtered_BV.shape, jnp.float32)
+    return first_argmax(filtered_BV + gumbel_BV)  # = jax.random.categorical, cheaper on CPU
+
+  # Greedy decoding draws no noise (a vocabulary-sized random draw per step is not free).
+  tok_B = jax.lax.cond(greedy, lambda: first_argmax(scaled_BV), sample).astype(jnp.int32)
   if forced_B is not None:
     tok_B = jnp.where(forced_B >= 0, forced_B, tok_B)
   return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
