@@ -26,7 +26,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
 import numpy as np

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 
 from bench import common
 from tools import plan as plan_lib

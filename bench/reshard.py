@@ -138,7 +138,7 @@ def run(cfg: ReshardBenchConfig, out_dir: str | None = None) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"))
   code = ("import json, sys; from bench import reshard as r; "
-          f"out = r._worker(r.ReshardBenchConfig(**json.loads(sys.argv[1]))); print('RESHARD_JSON=' + json.dumps(out))")
+          "out = r._worker(r.ReshardBenchConfig(**json.loads(sys.argv[1]))); print('RESHARD_JSON=' + json.dumps(out))")
   args = json.dumps(dataclasses.asdict(cfg))
   proc = subprocess.run([sys.executable, "-c", code, args], env=env, cwd=common.REPO_ROOT, capture_output=True,
                         text=True, timeout=1800)

@@ -1,9 +1,5 @@
 """Logits parity of our Flax Qwen2.5-VL against transformers (eager, float32, every parameter random)."""
 
-import json
-import os
-import shutil
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
