@@ -28,6 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from mgpo_jax import checkpoint as ckpt_lib
 from mgpo_jax import config_schema as schema_lib
 from mgpo_jax import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
@@ -95,7 +96,8 @@ def load_tokenizer(config: Any, workdir: str):
     path = tokenizer_dir(config, workdir)
     # Built by one process on a shared folder; with a remote workdir by every host into a local cache
     # (the build is deterministic).
-    if (jax.process_index() == 0 or _is_remote(workdir)) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+    builds_here = jax.process_index() == 0 or ckpt_lib.is_remote(workdir)
+    if builds_here and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       tmp = f"{path}.tmp-{os.getpid()}"
       tok_lib.build_tokenizer(tmp, vocab_size=m.tokenizer_vocab_size)
       os.replace(tmp, path)  # a killed build never leaves a half-written tokenizer
@@ -110,14 +112,11 @@ def tokenizer_dir(config: Any, workdir: str) -> str | None:
   if m.tokenizer == schema_lib.TOKENIZER_FROM_HF_DIR:
     return m.hf_dir or None
   if m.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
-    if _is_remote(workdir):  # transformers reads local folders only
+    if ckpt_lib.is_remote(workdir):  # transformers reads local folders only
       return os.path.join(os.path.expanduser("~/.cache/mgpo_jax"), f"tokenizer_{m.tokenizer_vocab_size}")
     return os.path.join(workdir, TOKENIZER_SUBDIR)
   return m.tokenizer
 
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
 
 
 def build_model_config(config: Any, tokenizer) -> Qwen25VLConfig:

@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -284,8 +283,7 @@ class RolloutEngine:
           rows.append(row)
       timings.host_s.append(time.perf_counter() - t0)
 
-      row_keys = _row_keys(rng, np.asarray([(zlib.crc32(str(row.sample.get("id", row.sample_index)).encode()) & 0x7FFFFFFF,
-                                  row.generation_index) for row in rows], np.uint32))
+      row_keys = _row_keys(rng, np.asarray([(_sample_uid(row), row.generation_index) for row in rows], np.uint32))
       conv = None
       for turn in range(cfg.num_turns):
         is_last = turn == cfg.num_turns - 1
@@ -321,9 +319,13 @@ class RolloutEngine:
         sample_index=row.sample_index, generation_index=row.generation_index)
 
 
+def _sample_uid(row: _Row) -> int:
+  """A stable 31-bit id of the row's sample (its id string; the batch index when it has none)."""
+  return zlib.crc32(str(row.sample.get("id", row.sample_index)).encode()) & 0x7FFFFFFF
+
+
 @jax.jit
 def _row_keys(rng, uids_R2):
-  uids_R2 = jnp.asarray(uids_R2, jnp.uint32)
   fold = lambda u: jax.random.fold_in(jax.random.fold_in(rng, u[0]), u[1])
   return jax.vmap(fold)(uids_R2)
 

@@ -146,7 +146,6 @@ def chunked_attention(q_PNH, k_PNH, v_PNH, seg_P, scale: float, *, band: int | N
   extra = num_chunks * C - P
   q_PNH = jnp.pad(q_PNH, ((0, extra), (0, 0), (0, 0)))
   seg_q = jnp.pad(seg_P, (0, extra), constant_values=-2)  # padded queries see nothing; dropped below
-  width = 0 if band is None else band
   if band is not None:  # pad keys so that every chunk's key window is in range
     k_PNH, v_PNH = (jnp.pad(x, ((band, band + extra), (0, 0), (0, 0))) for x in (k_PNH, v_PNH))
     seg_k = jnp.pad(seg_P, (band, band + extra), constant_values=-3)
@@ -159,7 +158,7 @@ def chunked_attention(q_PNH, k_PNH, v_PNH, seg_P, scale: float, *, band: int | N
     if band is None:
       k_SNH, v_SNH, sk_S = k_PNH, v_PNH, seg_k
     else:  # padded index c*C is original index c*C - band
-      k_SNH, v_SNH, sk_S = (jax.lax.dynamic_slice_in_dim(x, c * C, C + 2 * width) for x in (k_PNH, v_PNH, seg_k))
+      k_SNH, v_SNH, sk_S = (jax.lax.dynamic_slice_in_dim(x, c * C, C + 2 * band) for x in (k_PNH, v_PNH, seg_k))
     mask_CS = sq_C[:, None] == sk_S[None, :]
     return attention(q_CNH[None], k_SNH[None], v_SNH[None], mask_CS[None], scale)[0]
 
@@ -213,19 +212,20 @@ class VisionTower(nnx.Module):
 
     is_full_L = jnp.zeros(cfg.depth, bool).at[jnp.asarray(cfg.fullatt_block_indexes, jnp.int32)].set(True)
     scale = cfg.head_dim ** -0.5
-    # A window holds at most (window / patch)^2 patches, contiguous in window order.
-    band = (cfg.window_size // cfg.patch_size) ** 2
-    windowed = lambda q, k, v: chunked_attention(q, k, v, vis.window_seg_P, scale, band=band)
-    full = lambda q, k, v: chunked_attention(q, k, v, vis.image_seg_P, scale)
     if x_PD.shape[0] <= ATTENTION_CHUNK:
       # Small inputs: one dense masked attention, the mask picked per block (no `cond`, which would
       # keep XLA from fusing across it).
       window_PP = vis.window_seg_P[:, None] == vis.window_seg_P[None, :]
       full_PP = vis.image_seg_P[:, None] == vis.image_seg_P[None, :]
-      dense = lambda is_full: lambda q, k, v: attention(
-          q[None], k[None], v[None], jnp.where(is_full, full_PP, window_PP)[None], scale)[0]
+
+      def attend(is_full, q, k, v):
+        return attention(q[None], k[None], v[None], jnp.where(is_full, full_PP, window_PP)[None], scale)[0]
     else:
-      dense = None
+      # A window holds at most (window / patch)^2 patches, contiguous in window order.
+      band = (cfg.window_size // cfg.patch_size) ** 2
+      windowed = lambda q, k, v: chunked_attention(q, k, v, vis.window_seg_P, scale, band=band)
+      full = lambda q, k, v: chunked_attention(q, k, v, vis.image_seg_P, scale)
+      attend = lambda is_full, q, k, v: jax.lax.cond(is_full, full, windowed, q, k, v)
 
     layer_params = dict(
         norm1=self.norm1[...], qkv=self.qkv[...], qkv_bias=self.qkv_bias[...], proj=self.proj[...],
@@ -239,7 +239,7 @@ class VisionTower(nnx.Module):
       qkv_P3NH = jnp.einsum("PD,DQNH->PQNH", h, w["qkv"]) + w["qkv_bias"]
       q, k, v = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      o_PNH = dense(is_full)(q, k, v) if dense else jax.lax.cond(is_full, full, windowed, q, k, v)
+      o_PNH = attend(is_full, q, k, v)
       x_PD = x_PD + jnp.einsum("PNH,NHD->PD", o_PNH, w["proj"]) + w["proj_bias"]
       h = rms_norm(x_PD, w["norm2"], VISION_NORM_EPS)
       g = jax.nn.silu(h @ w["gate"] + w["gate_bias"])
