@@ -100,3 +100,53 @@ def test_batched_vision_layout_matches_flattened(model):
   h, _ = model.forward(jnp.asarray(ids), jnp.asarray(mask), pos, vision)
   got = np.asarray(model.logits(h))
   np.testing.assert_allclose(got[mask > 0], expected[mask > 0], atol=1e-5)
+
+
+def test_unstacked_cache_decode_matches_the_stacked_scan(model):
+  """The decode path with per-layer weights and KV buffers (unrolled layers) gives the logits and the cache
+  of the layer scan over the stacked cache."""
+  rng = np.random.default_rng(3)
+  grids = np.array([(1, 4, 8)])
+  prompt = R.image_prompt(grids.tolist())
+  ids = np.array([prompt, prompt])
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  vision = prepare_vision_inputs(R.random_pixels(grids.tolist() * 2, rng), np.concatenate([grids, grids]),
+                                 model.cfg.vision)
+  cache = KVCache.init(model.cfg, batch=2, size=ids.shape[1] + 8, dtype=jnp.float32)
+  _, cache = model.extend(cache, ids, mask, vision, np.concatenate([grids, grids]))
+  assert cache.k_LBKSH.shape == (model.cfg.num_layers, 2, model.cfg.num_kv_heads, cache.size, model.cfg.head_dim)
+  stacked_step = jax.jit(lambda m, c, t, k: m.extend(c, t, k))
+  unstacked_step = jax.jit(lambda m, c, t, k, w: m.extend(c, t, k, layers=w))
+  layers = model.decoder_layers()
+  flat = cache.unstack()
+  assert not flat.stacked and len(flat.k_LBKSH) == model.cfg.num_layers
+  for t, tok in enumerate(rng.integers(10, 280, (5, 2))):
+    step_mask = np.array([[1], [int(t != 2)]])  # row 1 leaves a hole at step 2
+    h_ref, cache = stacked_step(model, cache, tok[:, None], step_mask)
+    h, flat = unstacked_step(model, flat, tok[:, None], step_mask, layers)
+    np.testing.assert_allclose(np.asarray(model.logits(h)), np.asarray(model.logits(h_ref)), atol=1e-5)
+  back = flat.stack()
+  np.testing.assert_allclose(np.asarray(back.k_LBKSH), np.asarray(cache.k_LBKSH), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(back.v_LBKSH), np.asarray(cache.v_LBKSH), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(back.mask_BS), np.asarray(cache.mask_BS))
+  assert int(back.end) == int(cache.end) == ids.shape[1] + 5
+  with pytest.raises(ValueError, match="unstacked cache has 1 layers"):
+    model.extend(flat.replace(k_LBKSH=flat.k_LBKSH[:1], v_LBKSH=flat.v_LBKSH[:1]), tok[:, None], step_mask)
+
+
+@pytest.mark.parametrize("D, F, w_dtype", [(8, 24, jnp.float32), (24, 8, jnp.float32), (16, 16, jnp.bfloat16)])
+def test_mlp_matmul_custom_gradient_equals_autodiff(D, F, w_dtype):
+  """`model._matmul` (the decoder MLP's matmul with a hand-written weight gradient) differentiates like x @ w."""
+  from mgpo_jax.models.qwen2_5_vl.model import _matmul
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 5, D)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(D, F)), w_dtype)
+  g = jnp.asarray(rng.normal(size=(2, 5, F)), jnp.float32)
+  y, vjp = jax.vjp(_matmul, x, w)
+  y_ref, vjp_ref = jax.vjp(lambda a, b: a @ b, x, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref))
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    rtol = 1e-2 if w_dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=rtol, atol=1e-5)

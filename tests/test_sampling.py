@@ -240,6 +240,28 @@ def test_no_recompilation_after_warmup(model):
   assert compiles == [], f"{len(compiles)} recompilation(s) after warm-up"
 
 
+def test_unrolled_decode_matches_the_layer_scan(model):
+  """SamplerConfig.unroll_decode (per-layer weights / KV buffers) samples what the layer scan samples."""
+  import dataclasses
+  rng = np.random.default_rng(9)
+  g = [(1, 4, 4)]
+  rows = [R.image_prompt(g, rng=rng), list(rng.integers(10, 280, 5))]
+  images = [(R.random_pixels(g, rng), np.array(g)), None]
+  outs = []
+  for unroll in (True, False):
+    s = sampling.Sampler(model, dataclasses.replace(CFG, unroll_decode=unroll))
+    assert s.unroll == unroll
+    out, conv = s.start(rows, images, max_new_tokens=6, temperature=1.0, rng=jax.random.key(4),
+                        eos_token_ids=[EOS])
+    outs.append((out, jax.device_get(conv.cache)))
+  (a, ca), (b, cb) = outs
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  assert ca.stacked and cb.stacked
+  np.testing.assert_allclose(ca.k_LBKSH, cb.k_LBKSH, atol=1e-5)
+  np.testing.assert_array_equal(ca.mask_BS, cb.mask_BS)
+
+
 # ---------------------------------------------------------------------------------------------- multi-turn
 def test_turn2_continues_cache_like_a_full_prefill(sampler, model):
   """Turn 1 (rows of unequal length, one stopping early) then turn 2 (user text + a new image) appended to

@@ -84,6 +84,12 @@ class SamplerConfig:
   max_stop_rules: int = 2
   max_stop_states: int = 16
   cache_dtype: Any = None  # None: the model's parameter dtype
+  # Decode loop with the layers unrolled over per-layer weights and KV buffers, sliced once per call
+  # (`Qwen25VL.decoder_layers`, `KVCache.unstack`) instead of a layer scan over the stacked arrays, which on
+  # XLA:CPU copies every layer's weights and cache out of the stack at every step. Costs a transient copy
+  # of the decoder weights and of the KV cache per call, and compile time grows with the layers.
+  # None: on when the default backend is CPU.
+  unroll_decode: bool | None = None
 
   def __post_init__(self):
     for name in ("prompt_buckets", "new_token_buckets", "patch_buckets", "image_buckets", "cache_buckets"):
@@ -163,10 +169,13 @@ def _emit(s: _Loop, logits_BV, params: SamplingParams, eos_E, stops, force_BN, m
 
 
 def _prefill_and_decode(model: Qwen25VL, cache: KVCache, ids_BT, mask_BT, vision, grid_BI3,
-                        params: SamplingParams, eos_E, stops, force_BN, rng, max_top_k: int):
+                        params: SamplingParams, eos_E, stops, force_BN, rng, max_top_k: int, unroll: bool):
   B, N = force_BN.shape
   h_BTD, cache = model.extend(cache, ids_BT, mask_BT, vision, grid_BI3)
   logits_BV = model.logits(h_BTD[:, -1:])[:, 0]
+  layers = None
+  if unroll:  # sliced once here, outside the loop (see SamplerConfig.unroll_decode)
+    layers, cache = model.decoder_layers(), cache.unstack()
   active_B = mask_BT.astype(bool).any(axis=1) & (params.max_new_tokens > 0)
   s = _Loop(
       step=jnp.zeros((), jnp.int32),
@@ -188,7 +197,7 @@ def _prefill_and_decode(model: Qwen25VL, cache: KVCache, ids_BT, mask_BT, vision
 
   def body(s: _Loop):
     fed_B = s.pending_B
-    h_B1D, cache = model.extend(s.cache, s.last_B[:, None], fed_B[:, None])
+    h_B1D, cache = model.extend(s.cache, s.last_B[:, None], fed_B[:, None], layers=layers)
     logits_BV = model.logits(h_B1D)[:, 0]
     finished_B = fed_B & s.done_B & (params.close_id >= 0)  # the row's final token was just fed
     # A full-vocabulary log-softmax only on the few steps where some row has just finished.
@@ -201,33 +210,33 @@ def _prefill_and_decode(model: Qwen25VL, cache: KVCache, ids_BT, mask_BT, vision
 
   s = jax.lax.while_loop(cond, body, s)
   reason_B = jnp.where(s.done_B, s.reason_B, StopReason.CACHE_FULL)  # inactive rows start done
-  return (s.tokens_BN, s.logp_BN, s.length_B, reason_B.astype(jnp.int32), s.close_logp_B), s.cache
+  return (s.tokens_BN, s.logp_BN, s.length_B, reason_B.astype(jnp.int32), s.close_logp_B), s.cache.stack()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "cache_dtype", "max_top_k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "cache_dtype", "max_top_k", "unroll"))
 def _start(graphdef, state, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops, force_BN, rng, *,
-           cache_size: int, cache_dtype, max_top_k: int):
+           cache_size: int, cache_dtype, max_top_k: int, unroll: bool):
   model = nnx.merge(graphdef, state)
   cache = KVCache.init(model.cfg, ids_BT.shape[0], cache_size, cache_dtype)
   return _prefill_and_decode(model, cache, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops,
-                             force_BN, rng, max_top_k)
+                             force_BN, rng, max_top_k, unroll)
 
 
 # The cache is donated: it is updated in place, so a continued conversation never holds two copies of it.
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_top_k", "unroll"), donate_argnames=("cache",))
 def _continue(graphdef, state, cache, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops, force_BN,
-              rng, *, max_top_k: int):
+              rng, *, max_top_k: int, unroll: bool):
   model = nnx.merge(graphdef, state)
   return _prefill_and_decode(model, cache, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops,
-                             force_BN, rng, max_top_k)
+                             force_BN, rng, max_top_k, unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
 def _grow(cache: KVCache, *, size: int) -> KVCache:
   # Not donated: the output is larger, so the input buffers could not be reused anyway.
   pad = size - cache.size
-  kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-  return cache.replace(k_LBSKH=kv(cache.k_LBSKH), v_LBSKH=kv(cache.v_LBSKH),
+  kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))  # [L, B, K, S, H]: pad slots
+  return cache.replace(k_LBKSH=kv(cache.k_LBKSH), v_LBKSH=kv(cache.v_LBKSH),
                        mask_BS=jnp.pad(cache.mask_BS, ((0, 0), (0, pad))))
 
 
@@ -252,6 +261,7 @@ class Sampler:
     self.model_cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
     self.cache_dtype = jnp.dtype(cfg.cache_dtype or model.embed[...].dtype)
+    self.unroll = jax.default_backend() == "cpu" if cfg.unroll_decode is None else bool(cfg.unroll_decode)
     merge = model.cfg.vision.merge_unit
     if any(p % merge for p in cfg.patch_buckets):
       raise ValueError(f"SamplerConfig.patch_buckets {cfg.patch_buckets} must be multiples of {merge}")
@@ -285,7 +295,7 @@ class Sampler:
     outs, cache = _start(graphdef=self.graphdef, state=self.state, ids_BT=chunk[0], mask_BT=chunk[1],
                          vision=chunk[2], grid_BI3=chunk[3], params=call["params"], eos_E=call["eos_E"],
                          stops=call["stops"], force_BN=call["force_BN"], rng=call["rng"], cache_size=size,
-                         cache_dtype=self.cache_dtype, max_top_k=self.cfg.max_top_k)
+                         cache_dtype=self.cache_dtype, max_top_k=self.cfg.max_top_k, unroll=self.unroll)
     return self._finish(outs, cache, max_new_tokens, t0, t1)
 
   def extend(self, conv: Conversation, rows: Sequence[Sequence[int]],
@@ -306,7 +316,7 @@ class Sampler:
     outs, cache = _continue(graphdef=self.graphdef, state=self.state, cache=cache, ids_BT=chunk[0],
                             mask_BT=chunk[1], vision=chunk[2], grid_BI3=chunk[3], params=call["params"],
                             eos_E=call["eos_E"], stops=call["stops"], force_BN=call["force_BN"],
-                            rng=call["rng"], max_top_k=self.cfg.max_top_k)
+                            rng=call["rng"], max_top_k=self.cfg.max_top_k, unroll=self.unroll)
     return self._finish(outs, cache, max_new_tokens, t0, t1)
 
   # ------------------------------------------------------------------ host-side preparation

@@ -15,6 +15,13 @@ KV cache layout (one shared write pointer `end`; rows are left padded per chunk)
 Positions do not come from slot indices but from `next_pos_B` (the next M-RoPE text position of each row),
 so a conversation can be continued chunk by chunk (turn 2 appends user text + a crop image) and gives the
 same logits as one full prefill of the whole conversation.
+
+K and V are stored [layers, batch, kv_heads, slots, head_dim]: attention contracts over head_dim with
+(batch, kv_heads) as leading batch dimensions, so reading the cache needs no transpose. A decode loop can
+hold the cache unstacked (`KVCache.unstack`: one [B, K, S, H] buffer per layer) together with per-layer
+weights (`Qwen25VL.decoder_layers`); `forward` then runs the layers as an unrolled Python loop. On XLA:CPU
+this is much faster than the layer scan, which copies every layer's weight slice and cache slice out of
+the stacked arrays on every step (measured in bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,28 +33,89 @@ import numpy as np
 from flax import nnx
 
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from mgpo_jax.models.qwen2_5_vl.layers import apply_rope, attention, param, rms_norm
+from mgpo_jax.models.qwen2_5_vl.layers import NEG_INF, apply_rope, attention, param, rms_norm
 from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_inputs
 
 
 @flax.struct.dataclass
 class KVCache:
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  # [L, B, K, S, H] arrays, or (after `unstack`) tuples of L per-layer [B, K, S, H] arrays.
+  k_LBKSH: jax.Array | tuple[jax.Array, ...]
+  v_LBKSH: jax.Array | tuple[jax.Array, ...]
   mask_BS: jax.Array    # bool: slot holds a real token
   end: jax.Array        # int32 scalar: first free slot (shared by all rows)
   next_pos_B: jax.Array  # int32: next M-RoPE text position of each row
 
   @classmethod
   def init(cls, cfg: Qwen25VLConfig, batch: int, size: int, dtype) -> "KVCache":
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    return cls(k_LBSKH=jnp.zeros(shape, dtype), v_LBSKH=jnp.zeros(shape, dtype),
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
+    return cls(k_LBKSH=jnp.zeros(shape, dtype), v_LBKSH=jnp.zeros(shape, dtype),
                mask_BS=jnp.zeros((batch, size), bool), end=jnp.zeros((), jnp.int32),
                next_pos_B=jnp.zeros((batch,), jnp.int32))
 
   @property
   def size(self) -> int:
     return self.mask_BS.shape[1]
+
+  @property
+  def stacked(self) -> bool:
+    return not isinstance(self.k_LBKSH, (tuple, list))
+
+  def unstack(self) -> "KVCache":
+    """One buffer per layer (a copy of the cache): for a decode loop, so that no step slices the stack."""
+    if not self.stacked:
+      return self
+    split = lambda x: tuple(x[l] for l in range(x.shape[0]))
+    return self.replace(k_LBKSH=split(self.k_LBKSH), v_LBKSH=split(self.v_LBKSH))
+
+  def stack(self) -> "KVCache":
+    if self.stacked:
+      return self
+    return self.replace(k_LBKSH=jnp.stack(self.k_LBKSH), v_LBKSH=jnp.stack(self.v_LBKSH))
+
+
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, scale: float):
+  """Grouped-query attention of T queries against the cache layout [B, K, S, H]; K/V are not repeated
+  over the G = N / K query heads of a group. Scores and softmax in float32.
+
+  The G heads and T queries of a group are one matrix dimension (M = G T), so both products are plain
+  batched [M, H] x [S, H]^T and [M, S] x [S, H] matmuls; at T = 1 (decode) every reshape is free. (With T
+  as its own dot dimension XLA:CPU ran the decode dots twice as slowly.)
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BKSH.shape[1]
+  G = N // K
+  q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  s_BKMS = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  s_BKGTS = s_BKMS.reshape(B, K, G, T, -1)
+  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, NEG_INF)
+  p_BKMS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(B, K, G * T, -1)
+  o_BKMH = jnp.einsum("BKMS,BKSH->BKMH", p_BKMS, v_BKSH)
+  return o_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+@jax.custom_vjp
+def _matmul(x_BTD, w_DF):
+  """`x @ w` whose weight gradient transposes the narrower operand explicitly. With plain autodiff XLA:CPU
+  lays out the MLP's weight-gradient dots by materialising the [B T, mlp] cotangent transposed, a
+  strided copy that took longer than the matmuls themselves (bench/README.md, train step profile)."""
+  return x_BTD @ w_DF
+
+
+def _matmul_fwd(x_BTD, w_DF):
+  return x_BTD @ w_DF, (x_BTD, w_DF)
+
+
+def _matmul_bwd(res, g_BTF):
+  x_BTD, w_DF = res
+  dx_BTD = (g_BTF @ w_DF.T).astype(x_BTD.dtype)
+  D, F = w_DF.shape
+  x_MD, g_MF = x_BTD.reshape(-1, D), g_BTF.reshape(-1, F)
+  dw_DF = x_MD.T @ g_MF if D <= F else (g_MF.T @ x_MD).T
+  return dx_BTD, dw_DF.astype(w_DF.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def rope_index(input_ids_BT, mask_BT, image_grid_thw_I3, cfg: Qwen25VLConfig, start_pos_B=None):
@@ -170,15 +238,24 @@ class Qwen25VL(nnx.Module):
                 o=self.o[...], post_norm=self.post_norm[...], gate=self.gate[...], up=self.up[...],
                 down=self.down[...])
 
+  def decoder_layers(self) -> tuple[dict[str, jax.Array], ...]:
+    """Each decoder layer's weights as separate arrays (a copy), for `forward` with an unstacked cache.
+
+    Made once outside a decode loop, so no step slices (= copies, on XLA:CPU) the stacked weights.
+    """
+    return tuple(jax.tree.map(lambda a: a[l], self.layer_params()) for l in range(self.cfg.num_layers))
+
   # ------------------------------------------------------------------ decoder
   def forward(self, input_ids_BT, mask_BT, positions_3BT, vision: VisionInputs | None = None,
-              cache: KVCache | None = None, next_pos_B=None):
+              cache: KVCache | None = None, next_pos_B=None, layers=None):
     """Final hidden states [B, T, D] (after the last norm) and the updated cache (or None).
 
     Without a cache: causal attention among the T tokens, restricted to `mask_BT`.
     With a cache: the T tokens are written at slots [end, end + T) and attend to every valid slot
     before them. The caller must keep end + T <= cache.size. `next_pos_B` (from `rope_index`) is
     stored in the cache so the next chunk continues the positions.
+    A stacked cache runs the layers as one `lax.scan`; an unstacked one (`KVCache.unstack`) as an unrolled
+    loop over `layers` (`decoder_layers()`; sliced here when None) and returns the cache unstacked.
     """
     cfg = self.cfg
     mask_BT = jnp.asarray(mask_BT).astype(bool)
@@ -197,53 +274,73 @@ class Qwen25VL(nnx.Module):
       causal_TS = slots_S[None, :] <= cache.end + jnp.arange(T)[:, None]
       attn_mask_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
 
-    def layer(x_BTD, w, kv):
+    def project(x_BTD, w):
       h = rms_norm(x_BTD, w["input_norm"], eps)
       q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
       k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
       v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
-      if kv is not None:
-        k_BSKH = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache.end, 0, 0))
-        v_BSKH = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache.end, 0, 0))
-        kv = (k_BSKH, v_BSKH)
-      else:
-        k_BSKH, v_BSKH = k, v
-      o = attention(q, k_BSKH, v_BSKH, attn_mask_BTS, scale)
-      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, w["o"])
-      h = rms_norm(x_BTD, w["post_norm"], eps)
-      x_BTD = x_BTD + (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
-      return x_BTD, kv
+      return q, k, v
 
-    params = self.layer_params()
+    def finish(x_BTD, o_BTNH, w):
+      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
+      h = rms_norm(x_BTD, w["post_norm"], eps)
+      return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+
+    def write(buf, new_BTKH, at):
+      # Only the T new tokens are written (in place); `at` is the index of slot `end` in `buf`.
+      new = jnp.swapaxes(new_BTKH, 1, 2).astype(buf.dtype)
+      return jax.lax.dynamic_update_slice(buf, new.reshape((1,) * (buf.ndim - 4) + new.shape), at)
+
     if cache is None:
       def body(x, w):
-        return layer(x, w, None)[0], None
+        q, k, v = project(x, w)
+        return finish(x, attention(q, k, v, attn_mask_BTS, scale), w), None
       if self.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-      x_BTD, _ = jax.lax.scan(body, x_BTD, params)
-      new_cache = None
-    else:
-      # The cache rides in the carry and is updated in place layer by layer.
+      x_BTD, _ = jax.lax.scan(body, x_BTD, self.layer_params())
+      return rms_norm(x_BTD, self.final_norm[...], eps), None
+
+    if cache.stacked:
+      # The stacked cache rides in the scan carry: each layer writes its new tokens straight into the
+      # [L, B, K, S, H] buffer and reads its own slice for attention.
       def body(carry, xs):
         x, k_all, v_all = carry
         w, l = xs
-        x, (k_l, v_l) = layer(x, w, (k_all[l], v_all[l]))
-        return (x, k_all.at[l].set(k_l), v_all.at[l].set(v_l)), None
-      (x_BTD, k_all, v_all), _ = jax.lax.scan(
-          body, (x_BTD, cache.k_LBSKH, cache.v_LBSKH), (params, jnp.arange(cfg.num_layers)))
-      new_cache = KVCache(k_LBSKH=k_all, v_LBSKH=v_all, mask_BS=slot_mask_BS, end=cache.end + T,
-                          next_pos_B=cache.next_pos_B if next_pos_B is None else next_pos_B)
+        q, k, v = project(x, w)
+        k_all = write(k_all, k, (l, 0, 0, cache.end, 0))
+        v_all = write(v_all, v, (l, 0, 0, cache.end, 0))
+        o = cached_attention(q, k_all[l], v_all[l], attn_mask_BTS, scale)
+        return (finish(x, o, w), k_all, v_all), None
+      (x_BTD, k_new, v_new), _ = jax.lax.scan(
+          body, (x_BTD, cache.k_LBKSH, cache.v_LBKSH), (self.layer_params(), jnp.arange(cfg.num_layers)))
+    else:
+      if len(cache.k_LBKSH) != cfg.num_layers:
+        raise ValueError(f"unstacked cache has {len(cache.k_LBKSH)} layers, the model {cfg.num_layers}")
+      layers = self.decoder_layers() if layers is None else layers
+      k_new, v_new = [], []
+      for w, k_buf, v_buf in zip(layers, cache.k_LBKSH, cache.v_LBKSH):
+        q, k, v = project(x_BTD, w)
+        k_buf = write(k_buf, k, (0, 0, cache.end, 0))
+        v_buf = write(v_buf, v, (0, 0, cache.end, 0))
+        x_BTD = finish(x_BTD, cached_attention(q, k_buf, v_buf, attn_mask_BTS, scale), w)
+        k_new.append(k_buf)
+        v_new.append(v_buf)
+      k_new, v_new = tuple(k_new), tuple(v_new)
+    new_cache = KVCache(k_LBKSH=k_new, v_LBKSH=v_new, mask_BS=slot_mask_BS, end=cache.end + T,
+                        next_pos_B=cache.next_pos_B if next_pos_B is None else next_pos_B)
     return rms_norm(x_BTD, self.final_norm[...], eps), new_cache
 
   def extend(self, cache: KVCache, input_ids_BT, mask_BT, vision: VisionInputs | None = None,
-             image_grid_thw_I3=None):
+             image_grid_thw_I3=None, layers=None):
     """Append a chunk (prompt, a decoded token, or a new user turn with images) to the cache.
 
     Positions continue from `cache.next_pos_B`. Returns (hidden [B, T, D], new cache). Jit-friendly.
+    `layers`: per-layer weights (`decoder_layers()`) for an unstacked cache.
     """
     positions, next_pos = rope_index(input_ids_BT, mask_BT, image_grid_thw_I3 if vision is not None else None,
                                      self.cfg, start_pos_B=cache.next_pos_B)
-    return self.forward(input_ids_BT, mask_BT, positions, vision, cache=cache, next_pos_B=next_pos)
+    return self.forward(input_ids_BT, mask_BT, positions, vision, cache=cache, next_pos_B=next_pos,
+                        layers=layers)
 
   # ------------------------------------------------------------------ eager HF-like entry point
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
