@@ -20,6 +20,12 @@ from ml_collections import config_dict
 DATA_ROOT = "/data"
 
 
+def _synthetic(n: int, seed: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      n=n, seed=seed, image_size=(1000, 2000), target_size=(14, 22), categories=("color", "shape"),
+      num_choices=4, square=False, pattern_period=6, sorted_choices=False, image_format="PNG"))
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
@@ -74,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.source = "mme_realworld"  # mgpo_jax.data.readers.SourceKind.
   d.path = f"{DATA_ROOT}/mme_realworld/MME_RealWorld.json"  # JSONL file, JSON list or V* root.
   d.image_root = ""  # MME-RealWorld images; "" = the folder of `path`.
-  d.synthetic = ml_collections.ConfigDict(dict(
-      n=1024, seed=0, image_size=(1000, 2000), target_size=(14, 22)))
+  # mgpo_jax.data.synthetic.SyntheticConfig's fields (n samples from `seed`).
+  d.synthetic = _synthetic(n=1024, seed=0)
   d.tfds_data_dir = f"{DATA_ROOT}/tfds"  # Built ArrayRecord dataset; "" = <workdir>/tfds.
   d.tfds_name = "mme_realworld"  # Builder config name (one per source/paths).
   d.split = "train"
@@ -107,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.sampling_batch_size = 0  # Prompts decoded together (their n samples each); 0 = whole step.
   r.lenient_bbox = False  # Strict protocol parsing (ints, string label).
   r.single_turn = False  # True: the single-turn GRPO baseline (no grounding turn).
+  r.prompt_style = "paper"  # mgpo_jax.rollout.prompts.PROMPT_STYLES: "paper" or "short" (terse texts).
   r.reward = "exact_match"  # mgpo_jax.rollout.reward.REWARD_FNS.
   # A turn cut at its JSON block or the token limit is closed with <|im_end|> by the host; keep
   # that token (with the model's log-prob of it) in the loss.
@@ -156,6 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 1
   t.eval_every = 10  # 0 = never.
   t.eval_at_end = True
+  t.eval_at_start = False  # Also evaluate the initial policy (logged as step 0).
   t.checkpoint_every = 10  # 0 = only at the end.
   t.keep_checkpoints = 3
   t.async_checkpoint = True
@@ -168,8 +176,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.source = "vstar"  # mgpo_jax.data.readers.SourceKind.
   e.path = f"{DATA_ROOT}/vstar"
   e.image_root = ""
-  e.synthetic = ml_collections.ConfigDict(dict(
-      n=64, seed=1, image_size=(1000, 2000), target_size=(14, 22)))
+  e.synthetic = _synthetic(n=64, seed=1)
   e.num_samples = 0  # 0 = all.
   e.greedy = True
   e.batch_size = 64  # Prompts per evaluation batch.

@@ -34,6 +34,7 @@ from mgpo_jax.data import readers
 from mgpo_jax.data import synthetic
 from mgpo_jax.models.qwen2_5_vl import config as model_config_lib
 from mgpo_jax.models.qwen2_5_vl import preprocess
+from mgpo_jax.rollout import prompts as prompts_lib
 from mgpo_jax.rollout import reward as reward_lib
 
 if TYPE_CHECKING:
@@ -332,6 +333,7 @@ def _check_rollout(chk: _Checker) -> None:
   single = chk.get("rollout.single_turn")
   chk.get("rollout.lenient_bbox")
   chk.choice("rollout.reward", reward_lib.REWARD_FNS)
+  chk.choice("rollout.prompt_style", prompts_lib.PROMPT_STYLES)
   chk.integer("rollout.sampling_batch_size", lo=0)
   if not _ok(turns, single):
     return
@@ -634,7 +636,8 @@ def rollout_config(config: Any, image: preprocess.ImageProcessorConfig | None = 
       max_new_tokens=r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
       top_p=r.top_p, top_k=r.top_k,
       image=image_processor_config(config, image), reward=r.reward, lenient_parse=r.lenient_bbox,
-      train_on_forced_close=r.train_on_forced_close, host_workers=r.host_workers)
+      train_on_forced_close=r.train_on_forced_close, host_workers=r.host_workers,
+      prompts=prompts_lib.prompt_style(r.prompt_style))
 
 
 def sampler_config(config: Any) -> sampling.SamplerConfig:
@@ -656,7 +659,11 @@ def image_processor_config(
 def synthetic_config(section: Any) -> synthetic.SyntheticConfig:
   """Generator settings of `config.data` or `config.eval` (their `synthetic` sub-section)."""
   s = section.synthetic
-  return synthetic.SyntheticConfig(image_size=tuple(s.image_size), target_size=tuple(s.target_size))
+  return synthetic.SyntheticConfig(
+      image_size=tuple(s.image_size), target_size=tuple(s.target_size), categories=tuple(s.categories),
+      num_choices=s.num_choices, square=s.square, pattern_period=s.pattern_period,
+      sorted_choices=s.sorted_choices,
+      image_format=synthetic.ImageFormat(s.image_format))
 
 
 def reader_kwargs(section: Any) -> dict[str, Any]:

@@ -227,3 +227,14 @@ def test_option_letters():
   assert prompts.option_letters(4) == "ABCD"
   with pytest.raises(ValueError):
     prompts.option_letters(11)
+
+
+def test_prompt_styles():
+  short = prompts.prompt_style("short")
+  assert prompts.prompt_style("paper") == prompts.PromptConfig()
+  msg = prompts.followup_user_message("Q?", ["a", "b"], (1, 2, 30, 40), True, short)
+  tail = msg["content"][2]["text"]
+  assert tail.endswith("Answer with the letter in \\boxed{}.") and "  " not in tail  # empty analyse text dropped
+  assert len(short.system_prompt) < len(prompts.PromptConfig().system_prompt) // 4
+  with pytest.raises(ValueError, match="unknown prompt style"):
+    prompts.prompt_style("long")

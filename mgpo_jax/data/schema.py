@@ -44,6 +44,7 @@ class Category(enum.StrEnum):
 
   COLOR = "color"
   SHAPE = "shape"
+  PATTERN = "pattern"  # fine texture of a small square: gone once the image is shrunk
 
 
 class _SampleBase(TypedDict):

@@ -1,7 +1,10 @@
 """Deterministic V*-like synthetic samples: a large cluttered image with ONE small target object.
 
-The question asks for the target's colour ("What is the color of the small star?") or its shape
-("What is the shape of the small red object?"), with `num_choices` options. Clutter is faint
+The question asks for the target's colour ("What is the color of the small star?"), its shape
+("What is the shape of the small red object?") or its texture ("What is the pattern on the small
+colored square?": stripes or a checkerboard of `pattern_period` px, half of the square's pixels in
+its colour either way, so a shrunk image keeps a tinted square but no pattern), with `num_choices`
+options. Clutter is faint
 (blended towards the background), so the only saturated object in the image is the target: at full
 resolution its attribute is plain, but once the image is shrunk to a low `max_pixels` the
 `target_size`-pixel object covers only a few input pixels and its shape (and, for the smallest
@@ -94,6 +97,16 @@ def _cross(draw: ImageDraw.ImageDraw, box: Box, fill) -> None:
   draw.rectangle((x1, y1 + t, x2, y2 - t), fill=fill)
 
 
+# Fine textures of the PATTERN category: (yy, xx, half period) -> on-pixels. Every pattern covers
+# half of the square, so once the image is shrunk below the period they all look alike.
+PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    "horizontal stripes": lambda yy, xx, h: (yy // h) % 2 == 0,
+    "vertical stripes": lambda yy, xx, h: (xx // h) % 2 == 0,
+    "checkerboard": lambda yy, xx, h: (yy // h + xx // h) % 2 == 0,
+    "diagonal stripes": lambda yy, xx, h: ((yy + xx) // h) % 2 == 0,
+}
+
+
 class ImageFormat(enum.StrEnum):
   PNG = "PNG"
   JPEG = "JPEG"
@@ -114,6 +127,11 @@ class SyntheticConfig:
     categories: question categories to draw from (balanced over a split).
     num_choices: options per question.
     image_format: encoding of the stored image bytes.
+    square: draw square images (side drawn from `image_size`), so every image has the same
+      model-input grid at a fixed pixel budget.
+    pattern_period: period in pixels of the PATTERN category's stripes / checks (even).
+    sorted_choices: list the options in alphabetical order (the answer letter then names the value
+      directly) instead of at a drawn position; `answer_index` is then decided by the value.
   """
 
   image_size: tuple[int, int] = (1000, 2000)
@@ -125,6 +143,9 @@ class SyntheticConfig:
   categories: tuple[schema.Category, ...] = (schema.Category.COLOR, schema.Category.SHAPE)
   num_choices: int = 4
   image_format: ImageFormat = ImageFormat.PNG
+  square: bool = False
+  pattern_period: int = 6
+  sorted_choices: bool = False
 
   def __post_init__(self):
     lo, hi = self.image_size
@@ -142,7 +163,10 @@ class SyntheticConfig:
       raise ValueError("categories must not be empty")
     for c in self.categories:
       schema.Category(c)  # Raises ValueError on an unknown name.
-    most = min(len(COLORS), len(SHAPES), len(schema.OPTION_LETTERS))
+    if self.pattern_period < 2 or self.pattern_period % 2:
+      raise ValueError(f"pattern_period must be an even number >= 2, got {self.pattern_period}")
+    values = {schema.Category.COLOR: COLORS, schema.Category.SHAPE: SHAPES, schema.Category.PATTERN: PATTERNS}
+    most = min([len(values[schema.Category(c)]) for c in self.categories] + [len(schema.OPTION_LETTERS)])
     if not schema.MIN_CHOICES <= self.num_choices <= most:
       raise ValueError(f"num_choices must be in [{schema.MIN_CHOICES}, {most}], got {self.num_choices}")
     ImageFormat(self.image_format)
@@ -191,11 +215,25 @@ def _encode(img: Image.Image, fmt: ImageFormat) -> bytes:
   return buf.getvalue()
 
 
-def _question(category: schema.Category, color: str, shape: str) -> tuple[str, str, list[str]]:
+def _question(category: schema.Category, color: str, shape: str, pattern: str) -> tuple[str, str, list[str]]:
   """(question, correct value, all values of the asked attribute)."""
   if category == schema.Category.COLOR:
     return f"What is the color of the small {shape}?", color, sorted(COLORS)
+  if category == schema.Category.PATTERN:
+    # The same words for every sample: the target is the only saturated object, its colour is no cue.
+    return "What is the pattern on the small colored square?", pattern, sorted(PATTERNS)
+
   return f"What is the shape of the small {color} object?", shape, sorted(SHAPES)
+
+
+def _draw_pattern(img: Image.Image, box: Box, rgb: tuple[int, int, int], pattern: str, period: int) -> Image.Image:
+  """`img` with the square `box` filled by `pattern` (on-pixels `rgb`, off-pixels white)."""
+  x1, y1, x2, y2 = box
+  yy, xx = np.mgrid[0:y2 - y1, 0:x2 - x1]
+  on_HW = PATTERNS[pattern](yy, xx, period // 2)
+  px_HWC = np.array(img)
+  px_HWC[y1:y2, x1:x2] = np.where(on_HW[..., None], np.asarray(rgb, np.uint8), np.uint8(255))
+  return Image.fromarray(px_HWC, mode="RGB")
 
 
 def generate_sample(
@@ -218,6 +256,8 @@ def generate_sample(
   rng = np.random.default_rng(seed)
   lo, hi = cfg.image_size
   w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+  if cfg.square:
+    h = w
   bg_HWC = _background(rng, w, h, cfg.noise_std)
   bg_mean = bg_HWC.reshape(-1, 3).mean(0)
   img = Image.fromarray(bg_HWC, mode="RGB")
@@ -228,24 +268,36 @@ def generate_sample(
   s = int(rng.integers(cfg.target_size[0], cfg.target_size[1] + 1))
   margin = max(8, s)
   x, y = int(rng.integers(margin, w - margin - s)), int(rng.integers(margin, h - margin - s))
-  SHAPES[shape](ImageDraw.Draw(img), (x, y, x + s, y + s), COLORS[color])
-  # Tight box of what was actually drawn: render the same shape into a small mask.
-  mask = Image.new("L", (s + 3, s + 3))
-  SHAPES[shape](ImageDraw.Draw(mask), (1, 1, 1 + s, 1 + s), 255)
-  mx1, my1, mx2, my2 = mask.getbbox()
-  target_box = [x - 1 + mx1, y - 1 + my1, x - 1 + mx2, y - 1 + my2]
-
   if category is None:
     category = cfg.categories[rng.integers(len(cfg.categories))]
   category = schema.Category(category)
-  question, correct, values = _question(category, color, shape)
+  pattern = ""
+  if category == schema.Category.PATTERN:  # drawn only here: other categories keep their samples
+    pattern = sorted(PATTERNS)[rng.integers(len(PATTERNS))]
+    img = _draw_pattern(img, (x, y, x + s, y + s), COLORS[color], pattern, cfg.pattern_period)
+    target_box = [x, y, x + s, y + s]
+  else:
+    SHAPES[shape](ImageDraw.Draw(img), (x, y, x + s, y + s), COLORS[color])
+    # Tight box of what was actually drawn: render the same shape into a small mask.
+    mask = Image.new("L", (s + 3, s + 3))
+    SHAPES[shape](ImageDraw.Draw(mask), (1, 1, 1 + s, 1 + s), 255)
+    mx1, my1, mx2, my2 = mask.getbbox()
+    target_box = [x - 1 + mx1, y - 1 + my1, x - 1 + mx2, y - 1 + my2]
+
+  question, correct, values = _question(category, color, shape, pattern)
   others = [v for v in values if v != correct]
   distractors = [others[i] for i in rng.permutation(len(others))[: cfg.num_choices - 1]]
-  if answer_index is None:
-    answer_index = int(rng.integers(cfg.num_choices))
-  if not 0 <= answer_index < cfg.num_choices:
-    raise ValueError(f"answer_index must be in [0, {cfg.num_choices}), got {answer_index}")
-  choices = distractors[:answer_index] + [correct] + distractors[answer_index:]
+  if cfg.sorted_choices:
+    if answer_index is not None:
+      raise ValueError("answer_index cannot be chosen with sorted_choices=True (the value decides it)")
+    choices = sorted(distractors + [correct])
+    answer_index = choices.index(correct)
+  else:
+    if answer_index is None:
+      answer_index = int(rng.integers(cfg.num_choices))
+    if not 0 <= answer_index < cfg.num_choices:
+      raise ValueError(f"answer_index must be in [0, {cfg.num_choices}), got {answer_index}")
+    choices = distractors[:answer_index] + [correct] + distractors[answer_index:]
 
   return {
       schema.ID: sample_id if sample_id is not None else f"synthetic-{seed}",
@@ -263,7 +315,8 @@ def _sample_seed(seed: int, i: int) -> int:
 
 
 def iter_split(n: int, seed: int, cfg: SyntheticConfig = SyntheticConfig()) -> Iterator[schema.Sample]:
-  """Yields `n` samples lazily; answer letters and categories are balanced to within one."""
+  """Yields `n` samples lazily; categories (and, unless `sorted_choices`, answer letters) are balanced
+  to within one."""
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
   rng = np.random.default_rng([seed, n])
@@ -274,7 +327,7 @@ def iter_split(n: int, seed: int, cfg: SyntheticConfig = SyntheticConfig()) -> I
     yield generate_sample(
         _sample_seed(seed, i),
         cfg,
-        answer_index=int(answers[i]),
+        answer_index=None if cfg.sorted_choices else int(answers[i]),
         category=cfg.categories[int(categories[i])],
         sample_id=f"synthetic-s{seed}-{i:06d}",
     )

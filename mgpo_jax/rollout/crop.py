@@ -96,3 +96,19 @@ def crop_original(
     )
   # PIL's crop box is (left, upper, right, lower) with right/lower exclusive, like ours.
   return image.crop((x1, y1, x2, y2))
+
+
+def target_coverage(box: Sequence[int], input_size: Sequence[int], original_size: Sequence[int],
+                    target: Sequence[int]) -> float:
+  """Share of `target`'s area (original pixels, right/bottom exclusive) inside the crop of `box`.
+
+  For analysis only (e.g. whether a model's box finds the synthetic task's target); training never
+  sees target boxes.
+  """
+  x1, y1, x2, y2 = map_box_to_original(box, input_size, original_size)
+  tx1, ty1, tx2, ty2 = _ints("target", target, 4)
+  area = (tx2 - tx1) * (ty2 - ty1)
+  if area <= 0:
+    raise ValueError(f"target must have a positive area, got {target!r}")
+  inter = max(0, min(x2, tx2) - max(x1, tx1)) * max(0, min(y2, ty2) - max(y1, ty1))
+  return inter / area

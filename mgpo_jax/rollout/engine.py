@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mgpo_jax.data import schema
 from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, num_image_tokens, preprocess_image
 from mgpo_jax.rollout import crop as crop_lib
 from mgpo_jax.rollout import parse as parse_lib
@@ -316,7 +317,22 @@ class RolloutEngine:
         turn_spans=row.spans, images=row.images, pixel_values=row.pixel_values, image_grids=row.grids,
         texts=row.texts, boxes=row.boxes, box_valid=row.box_valid, box_reasons=row.box_reasons,
         stop_reasons=row.stop_reasons, forced_close=row.forced_close, reward=row.reward,
-        sample_index=row.sample_index, generation_index=row.generation_index)
+        target_hit=_target_hit(row), sample_index=row.sample_index, generation_index=row.generation_index)
+
+
+# A crop "finds" the target when it holds at least this share of the target's area.
+TARGET_HIT_COVERAGE = 0.5
+
+
+def _target_hit(row: _Row) -> float | None:
+  """Whether the row's first box found the sample's target (None: no target_box, or no grounding turn)."""
+  target = row.sample.get(schema.TARGET_BOX)
+  if target is None or not row.box_valid or tuple(int(v) for v in target) == schema.NO_BOX:
+    return None
+  if not row.box_valid[0]:
+    return 0.0
+  cover = crop_lib.target_coverage(row.boxes[0], row.input_size, row.original.size, target)
+  return float(cover >= TARGET_HIT_COVERAGE)
 
 
 def _sample_uid(row: _Row) -> int:
@@ -337,6 +353,9 @@ def _metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
   m = {"reward_mean": float(np.mean([t.reward for t in trajectories]))}
   if trajectories[0].box_valid:
     m["valid_box_rate"] = float(np.mean([t.box_valid[0] for t in trajectories]))
+  hits = [t.target_hit for t in trajectories if t.target_hit is not None]
+  if hits:
+    m["target_hit_rate"] = float(np.mean(hits))
   for k in range(max(t.num_turns for t in trajectories)):
     m[f"turn{k + 1}_tokens_mean"] = float(np.mean([t.turn_mask[slice(*t.turn_spans[k])].sum()
                                                    for t in trajectories if t.num_turns > k]))

@@ -43,6 +43,8 @@ class Trajectory:
   stop_reasons: list[int] = dataclasses.field(default_factory=list)  # sampling.StopReason per turn
   forced_close: list[bool] = dataclasses.field(default_factory=list)  # <|im_end|> appended, not sampled
   reward: float = 0.0
+  # Analysis only (samples with a target_box): 1.0 if the first box's crop holds >= half of the target.
+  target_hit: float | None = None
   sample_index: int = 0
   generation_index: int = 0
 

@@ -231,7 +231,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   last: dict[str, float] = {}
   step = start
   compiles = compile_count()
+
+  def run_eval() -> dict[str, float]:
+    nonlocal eval_set, categories
+    from mgpo_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+    if eval_set is None:
+      eval_set, categories = experiment.eval_samples(config), eval_lib.eval_categories(config)
+    return eval_lib.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size, categories=categories)
+
   try:
+    if t.eval_at_start and writer.last_step is None:  # the initial policy's numbers, as step 0
+      writer.write_scalars(0, run_eval())
     while step < t.num_steps:
       try:
         samples = next(data_iter)
@@ -261,11 +271,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
             visualize.record_from_trajectory(tr, samples[tr.sample_index], model_cfg.vision.patch_size)
             for tr in shown])
       if (t.eval_every and step % t.eval_every == 0) or (t.eval_at_end and step == t.num_steps):
-        from mgpo_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-        if eval_set is None:
-          eval_set, categories = experiment.eval_samples(config), eval_lib.eval_categories(config)
-        last.update(eval_lib.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size,
-                                      categories=categories))
+        last.update(run_eval())
       # Compilations during the step (rollout, update, eval): nonzero after warm-up = a shape leaked.
       compiles, last["compile/xla_compilations"] = compile_count(), compile_count() - compiles
       writer.write_scalars(step, last)

@@ -1,0 +1,262 @@
+"""Supervised warm-up (SFT) before RL: the conversation format, with RANDOM boxes, and close-up perception.
+
+A pretrained Qwen2.5-VL already writes grounding JSON and reads small details once they are large; a
+model trained from scratch does neither. The warm-up teaches both, and nothing about WHERE to look:
+
+  format rows      MGPO conversation; turn 1 = a box drawn uniformly from a `box_grid` x `box_grid`
+                   grid of the model-input image (whatever the image shows), trained; turn 2 = the
+                   answer, trained only when that random crop happens to show the target
+  close-up rows    the same conversation with turn 1 NOT trained (mask 0): its box holds the target, from
+                   3x its size up to a grid cell, so turn 2 learns to read the detail from a close-up
+  single-turn rows the GRPO baseline's one-turn format on the original image, answer trained
+
+Box tokens get gradient only from the uniformly random boxes of format rows, so after the warm-up the
+box does not depend on the image: choosing the region that holds the target must come from the RL
+reward alone (the paper's claim; `box_image_dependence` measures it).
+
+Conversations are built by the rollout engine itself with a `ScriptedSampler` that "samples" given
+texts, so the tokens, images and turn masks are exactly those of real rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mgpo_jax.data import schema
+from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL
+from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, smart_resize
+from mgpo_jax.rl.batch import TrainBatch
+from mgpo_jax.rollout import crop as crop_lib
+from mgpo_jax.rollout import engine as engine_lib
+from mgpo_jax.rollout import trajectory as traj_lib
+from mgpo_jax.sampling import SampleOutput, StopReason
+from mgpo_jax.train.step import sequence_logprobs, token_loss_mask
+
+logger = logging.getLogger(__name__)
+
+
+class RowKind(enum.StrEnum):
+  FORMAT = "format"
+  CLOSE_UP = "close_up"
+  SINGLE_TURN = "single_turn"
+
+
+# ------------------------------------------------------------------------------------------------
+# Boxes on a grid of the model-input image.
+# ------------------------------------------------------------------------------------------------
+
+
+def input_size(image_size: tuple[int, int], image_cfg: ImageProcessorConfig) -> tuple[int, int]:
+  """(W_in, H_in) the model sees an original of `image_size` = (W, H) at."""
+  w, h = image_size
+  h_in, w_in = smart_resize(h, w, factor=image_cfg.patch_size * image_cfg.merge_size,
+                            min_pixels=image_cfg.min_pixels, max_pixels=image_cfg.max_pixels)
+  return w_in, h_in
+
+
+def grid_boxes(w_in: int, h_in: int, cells: int) -> list[tuple[int, int, int, int]]:
+  """The `cells` x `cells` grid's boxes in input pixels, row-major (top-left cell first)."""
+  xs = [round(i * w_in / cells) for i in range(cells + 1)]
+  ys = [round(i * h_in / cells) for i in range(cells + 1)]
+  return [(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(cells) for i in range(cells)]
+
+
+def box_text(box: Sequence[int], label: str) -> str:
+  """Turn-1 output in the protocol's format."""
+  return f'```json\n[{{"bbox_2d": [{", ".join(str(int(v)) for v in box)}], "label": "{label}"}}]\n```'
+
+
+def answer_text(letter: str) -> str:
+  return f"\\boxed{{{letter}}}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversations through the rollout engine.
+# ------------------------------------------------------------------------------------------------
+
+
+class ScriptedSampler:
+  """A `Sampler` stand-in for `RolloutEngine`: row r "samples" `script(r, turn)` then <|im_end|>."""
+
+  def __init__(self, model_cfg, tokenizer, script: Callable[[int, int], str], pad_id: int, im_end_id: int):
+    self.model_cfg, self.tokenizer, self.script = model_cfg, tokenizer, script
+    self.pad_id, self.im_end_id = pad_id, im_end_id
+
+  def _emit(self, rows: int, turn: int) -> SampleOutput:
+    toks = [self.tokenizer.encode(self.script(r, turn), add_special_tokens=False) + [self.im_end_id]
+            for r in range(rows)]
+    n = max(len(t) for t in toks)
+    tokens = np.full((rows, n), self.pad_id, np.int32)
+    for r, t in enumerate(toks):
+      tokens[r, :len(t)] = t
+    return SampleOutput(tokens=tokens, logprobs=np.zeros((rows, n), np.float32),
+                        lengths=np.asarray([len(t) for t in toks], np.int32),
+                        stop_reasons=np.full((rows,), int(StopReason.EOS), np.int32),
+                        close_logprobs=np.zeros((rows,), np.float32))
+
+  def start(self, chunks, images, **kw):
+    del images, kw
+    return self._emit(len(chunks), 0), 1
+
+  def extend(self, turn, chunks, images, **kw):
+    del images, kw
+    return self._emit(len(chunks), turn), turn + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupData:
+  """How warm-up rows are drawn."""
+
+  box_grid: int = 3                      # random boxes: one cell of a box_grid x box_grid grid
+  min_coverage: float = 0.5              # a crop "shows" the target from this share of its area
+  mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of format / close-up / single-turn rows
+  label: str = "key region"              # the JSON label of every box
+  close_up_min_side: float = 3.0         # smallest close-up box, in target sides (largest: a grid cell)
+
+
+def _row_plan(sample: Mapping[str, Any], kind: RowKind, cfg: WarmupData, image_cfg: ImageProcessorConfig,
+              rng: np.random.Generator) -> tuple[tuple[int, int, int, int] | None, bool, bool]:
+  """(box, train turn 1, train the answer) of one row."""
+  if kind == RowKind.SINGLE_TURN:
+    return None, False, True
+  orig = sample["image"].size
+  in_size = input_size(orig, image_cfg)
+  boxes = grid_boxes(*in_size, cfg.box_grid)
+  target = sample.get(schema.TARGET_BOX)
+  cover = [crop_lib.target_coverage(b, in_size, orig, target) if target is not None else 0.0 for b in boxes]
+  if kind == RowKind.FORMAT:
+    i = int(rng.integers(len(boxes)))
+    return boxes[i], True, cover[i] >= cfg.min_coverage
+  if target is None:
+    raise ValueError(f"sample {sample.get('id')!r}: close-up rows need a target_box")
+  return _close_up_box(target, orig, in_size, boxes[0], cfg.close_up_min_side, rng), False, True
+
+
+def _close_up_box(target, orig, in_size, cell, min_side: float, rng: np.random.Generator):
+  """A square box (input pixels) holding the whole target, its side drawn between `min_side` x the
+  target's and a grid cell's: a curriculum from large, easy views of the detail to the cell-sized crops
+  the grounding turn produces."""
+  w_in, h_in = in_size
+  sx, sy = in_size[0] / orig[0], in_size[1] / orig[1]
+  tx1, ty1 = int(target[0] * sx), int(target[1] * sy)
+  tx2, ty2 = int(np.ceil(target[2] * sx)), int(np.ceil(target[3] * sy))
+  hi = min(cell[2] - cell[0], cell[3] - cell[1])
+  lo = min(hi, max(29, int(min_side * max(tx2 - tx1, ty2 - ty1))))
+  side = int(rng.integers(lo, hi + 1))
+  def start(t1, t2, size):
+    a, b = max(0, t2 - side), min(t1, size - side)
+    return int(rng.integers(a, b + 1)) if b >= a else max(0, min(t1, size - side))
+  x1, y1 = start(tx1, tx2, w_in), start(ty1, ty2, h_in)
+  return x1, y1, x1 + side, y1 + side
+
+
+def build_rows(samples: Sequence[Mapping[str, Any]], kinds: Sequence[RowKind], tokenizer, model_cfg,
+               rollout_cfg: engine_lib.RolloutConfig, cfg: WarmupData, rng: np.random.Generator
+               ) -> list[traj_lib.Trajectory]:
+  """One warm-up conversation per (decoded sample, kind), as trajectories whose `turn_mask` is the
+  SFT loss mask."""
+  from mgpo_jax.tokenizer import special_token_ids  # pylint: disable=g-import-not-at-top
+
+  special = special_token_ids(tokenizer)
+  out: list[traj_lib.Trajectory | None] = [None] * len(samples)
+  for single in (False, True):
+    idx = [i for i, k in enumerate(kinds) if (k == RowKind.SINGLE_TURN) == single]
+    if not idx:
+      continue
+    plans = [_row_plan(samples[i], kinds[i], cfg, rollout_cfg.image, rng) for i in idx]
+    letters = [samples[i][schema.ANSWER] for i in idx]
+
+    def script(r, turn, plans=plans, letters=letters):
+      box = plans[r][0]
+      return answer_text(letters[r]) if box is None or turn == 1 else box_text(box, cfg.label)
+
+    mode = engine_lib.RolloutMode.SINGLE_TURN if single else engine_lib.RolloutMode.MGPO
+    eng = engine_lib.RolloutEngine(
+        ScriptedSampler(model_cfg, tokenizer, script, special.pad, special.im_end), tokenizer,
+        dataclasses.replace(rollout_cfg, mode=mode, max_turns=1 if single else 2, num_generations=1))
+    result = eng.run([samples[i] for i in idx], jax.random.key(0))
+    for j, (tr, (box, train_box, train_answer)) in enumerate(zip(result.trajectories, plans)):
+      if box is not None and not tr.box_valid[0]:
+        raise ValueError(f"warm-up box {box} was rejected ({tr.box_reasons[0]}): box_grid too fine")
+      mask = tr.turn_mask.copy()
+      spans = tr.turn_spans
+      if not single:
+        s, e = spans[0]
+        mask[s:e] *= int(train_box)
+      s, e = spans[-1]
+      mask[s:e] *= int(train_answer)
+      tr.turn_mask = mask
+      out[idx[j]] = tr
+  return out  # type: ignore[return-value]
+
+
+def draw_kinds(n: int, cfg: WarmupData, rng: np.random.Generator) -> list[RowKind]:
+  p = np.asarray(cfg.mix, np.float64)
+  if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
+    raise ValueError(f"WarmupData.mix must be 3 non-negative weights, not all 0; got {cfg.mix}")
+  kinds = list(RowKind)
+  return [kinds[i] for i in rng.choice(3, size=n, p=p / p.sum())]
+
+
+# ------------------------------------------------------------------------------------------------
+# The update.
+# ------------------------------------------------------------------------------------------------
+
+
+def sft_loss(model: Qwen25VL, batch: TrainBatch, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Mean negative log-likelihood of the masked tokens, and their count."""
+  logp_BT, _ = sequence_logprobs(model, batch, chunk_size=chunk_size, temperature=1.0, compute_entropy=False)
+  mask_BT = token_loss_mask(batch)
+  count = jnp.sum(mask_BT)
+  return -jnp.sum(logp_BT * mask_BT) / jnp.maximum(count, 1.0), count
+
+
+class SFTTrainer:
+  """AdamW on the token NLL; one jitted, donated update per batch (shapes fixed by the caller's buckets).
+
+      trainer = SFTTrainer(model, optax.adamw(...))
+      metrics = trainer.step(batch)        # host TrainBatch (to_train_batch); or dispatch()
+      model = trainer.model()
+  """
+
+  def __init__(self, model: Qwen25VL, tx: optax.GradientTransformation, chunk_size: int = 1024):
+    self.graphdef, params = nnx.split(model, nnx.Param)
+    self.tx = tx
+    self.state = (params, tx.init(params))
+    self._update = jax.jit(functools.partial(self._update_fn, chunk_size=chunk_size), donate_argnums=(0,))
+
+  def _update_fn(self, state, batch: TrainBatch, *, chunk_size: int):
+    params, opt_state = state
+
+    def loss_fn(p):
+      return sft_loss(nnx.merge(self.graphdef, p), batch, chunk_size)
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state), {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+
+  def dispatch(self, batch: TrainBatch) -> dict[str, jax.Array]:
+    """Starts the update of `batch`; returns its metrics as device scalars (fetch them later)."""
+    self.state, metrics = self._update(self.state, batch)
+    return metrics
+
+  def step(self, batch: TrainBatch) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(self.dispatch(batch)).items()}
+
+  def params(self) -> nnx.State:
+    return self.state[0]
+
+  def model(self) -> Qwen25VL:
+    return nnx.merge(self.graphdef, self.state[0])
