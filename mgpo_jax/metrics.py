@@ -544,11 +544,6 @@ class MetricsWriter:
     """The largest step in metrics.jsonl (None if empty)."""
     return self._last_step
 
-  @property
-  def last_step(self) -> int | None:
-    """The last step written (kept from an earlier run when resuming), None before any."""
-    return self._last_step
-
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Appends one line {"step": step, **scalars}; call once per step, with increasing steps."""
     if not self.is_primary:

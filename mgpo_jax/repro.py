@@ -68,17 +68,16 @@ def build_tokenizer(config: Any, workdir: str):
   return tok_lib.load_tokenizer(path), path
 
 
-def _decoded(samples):
+def _decoded(samples, max_image_pixels: int):
   from mgpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  decode = pipeline.DecodeImage(100_000_000)
+  decode = pipeline.DecodeImage(max_image_pixels)
   return [d for d in map(decode, samples) if d is not None]
 
 
 def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str) -> str:
   """Supervised warm-up from a random init; returns the HF export directory (skipped if it exists)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from mgpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top
@@ -86,7 +85,7 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
   from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from mgpo_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.train import optim, sft  # pylint: disable=g-import-not-at-top
 
   hf_dir = os.path.join(out_dir, "hf")
   if os.path.isfile(os.path.join(hf_dir, "config.json")):
@@ -96,13 +95,14 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
   rollout_cfg = schema_lib.rollout_config(config)
   data_cfg = sft.WarmupData(box_grid=s.box_grid, mix=tuple(s.mix))
   t0 = time.perf_counter()
-  samples = _decoded(synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)))
+  samples = _decoded(synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)),
+                     config.data.max_image_pixels)
   logger.info("seed %d warm-up: %d samples generated in %.0f s", seed, len(samples), time.perf_counter() - t0)
 
-  warm = min(s.warmup_steps, s.steps - 1)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, warm, s.steps, 0.1 * s.learning_rate)
-  tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=config.optim.weight_decay))
+  tx = optim.make_optimizer(optim.OptimConfig(
+      learning_rate=s.learning_rate, weight_decay=config.optim.weight_decay,
+      grad_clip_norm=config.optim.grad_clip_norm or None, schedule=optim.Schedule.COSINE,
+      warmup_steps=min(s.warmup_steps, s.steps - 1), total_steps=s.steps, min_lr_ratio=0.1))
   trainer = sft.SFTTrainer(params_lib.init_model(model_cfg, seed=seed), tx, config.rl.logprob_chunk_size)
   rng = np.random.default_rng([seed, s.data_seed])
   pad_id = tokenizer.pad_token_id

@@ -222,7 +222,6 @@ def _question(category: schema.Category, color: str, shape: str, pattern: str) -
   if category == schema.Category.PATTERN:
     # The same words for every sample: the target is the only saturated object, its colour is no cue.
     return "What is the pattern on the small colored square?", pattern, sorted(PATTERNS)
-
   return f"What is the shape of the small {color} object?", shape, sorted(SHAPES)
 
 

@@ -119,7 +119,7 @@ class WarmupData:
   """How warm-up rows are drawn."""
 
   box_grid: int = 3                      # random boxes: one cell of a box_grid x box_grid grid
-  min_coverage: float = 0.5              # a crop "shows" the target from this share of its area
+  min_coverage: float = engine_lib.TARGET_HIT_COVERAGE  # a crop "shows" the target from this share
   mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of format / close-up / single-turn rows
   label: str = "key region"              # the JSON label of every box
   close_up_min_side: float = 3.0         # smallest close-up box, in target sides (largest: a grid cell)
