@@ -23,7 +23,7 @@ DATA_ROOT = "/data"
 def _synthetic(n: int, seed: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       n=n, seed=seed, image_size=(1000, 2000), target_size=(14, 22), categories=("color", "shape"),
-      num_choices=4, square=False, pattern_period=6, sorted_choices=False, image_format="PNG"))
+      num_choices=4, square=False, pattern_period=6, sorted_choices=False, colors=(), image_format="PNG"))
 
 
 def get_config() -> ml_collections.ConfigDict:

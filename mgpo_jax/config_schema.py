@@ -662,7 +662,7 @@ def synthetic_config(section: Any) -> synthetic.SyntheticConfig:
   return synthetic.SyntheticConfig(
       image_size=tuple(s.image_size), target_size=tuple(s.target_size), categories=tuple(s.categories),
       num_choices=s.num_choices, square=s.square, pattern_period=s.pattern_period,
-      sorted_choices=s.sorted_choices,
+      sorted_choices=s.sorted_choices, colors=tuple(s.get("colors", ())),
       image_format=synthetic.ImageFormat(s.image_format))
 
 

@@ -16,6 +16,7 @@ same command continues an interrupted comparison.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ def task_corpus(config: Any) -> list[str]:
   """Texts the task's tokenizer is trained on: the prompts, questions, options and answer formats."""
   from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.data import schema, synthetic  # pylint: disable=g-import-not-at-top
   from mgpo_jax.rollout import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
 
@@ -50,7 +51,7 @@ def task_corpus(config: Any) -> list[str]:
   for s in synthetic.iter_split(16, 0, schema_lib.synthetic_config(config.data)):
     texts.append(prompts_lib.single_turn_messages(s["question"], s["choices"], prompts_lib.PromptConfig())[1]
                  ["content"][1]["text"])
-  for letter in "ABCD":
+  for letter in schema.OPTION_LETTERS[:config.data.synthetic.num_choices]:
     texts.append(sft.answer_text(letter))
   for x in range(0, 225, 25):
     texts.append(sft.box_text((x, x, x + 75, x + 75), config.repro.get("box_label", "key region")))
@@ -93,7 +94,14 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
   s = config.repro.sft
   model_cfg = experiment.build_model_config(config, tokenizer)
   rollout_cfg = schema_lib.rollout_config(config)
-  data_cfg = sft.WarmupData(box_grid=s.box_grid, mix=tuple(s.mix))
+  base_cfg = sft.WarmupData(box_grid=s.box_grid, close_up_min_side=s.close_up_min_side,
+                            single_turn_view=s.single_turn_view)
+  # (rows' settings, steps, sequence bucket, patch bucket) per stage: an optional perception stage of
+  # cheap one-image close-up rows first (see the config), then the mix of all row kinds.
+  stages = [(dataclasses.replace(base_cfg, mix=(0.0, 0.0, 1.0), single_turn_view="close_up"),
+             s.perception_steps, s.perception_seq_bucket, s.perception_patch_bucket),
+            (dataclasses.replace(base_cfg, mix=tuple(s.mix)), s.steps, s.seq_bucket, s.patch_bucket)]
+  total = s.perception_steps + s.steps
   t0 = time.perf_counter()
   samples = _decoded(synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)),
                      config.data.max_image_pixels)
@@ -102,35 +110,38 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
   tx = optim.make_optimizer(optim.OptimConfig(
       learning_rate=s.learning_rate, weight_decay=config.optim.weight_decay,
       grad_clip_norm=config.optim.grad_clip_norm or None, schedule=optim.Schedule.COSINE,
-      warmup_steps=min(s.warmup_steps, s.steps - 1), total_steps=s.steps, min_lr_ratio=0.1))
+      warmup_steps=min(s.warmup_steps, total - 1), total_steps=total, min_lr_ratio=s.min_lr_ratio))
   trainer = sft.SFTTrainer(params_lib.init_model(model_cfg, seed=seed), tx, config.rl.logprob_chunk_size)
   rng = np.random.default_rng([seed, s.data_seed])
   pad_id = tokenizer.pad_token_id
 
-  def next_batch():
+  def next_batch(data_cfg, seq_bucket, patch_bucket):
     idx = rng.integers(len(samples), size=s.batch_size)
     rows = sft.build_rows([samples[i] for i in idx], sft.draw_kinds(s.batch_size, data_cfg, rng), tokenizer,
                           model_cfg, rollout_cfg, data_cfg, rng)
-    return traj_lib.to_train_batch(rows, list(range(len(rows))), seq_bucket=s.seq_bucket,
-                                   patch_bucket=s.patch_bucket, max_images=2, pad_id=pad_id,
+    return traj_lib.to_train_batch(rows, list(range(len(rows))), seq_bucket=seq_bucket,
+                                   patch_bucket=patch_bucket, max_images=2, pad_id=pad_id,
                                    vision_cfg=model_cfg.vision, max_turns=2, image_token_id=model_cfg.image_token_id)
 
-  writer = metrics_lib.MetricsWriter(out_dir, total_steps=s.steps, tensorboard=False)
-  pending = None
+  writer = metrics_lib.MetricsWriter(out_dir, total_steps=total, tensorboard=False)
+  pending, step = None, 0
   try:
-    for step in range(1, s.steps + 1):
-      batch = next_batch()  # host work overlaps the previous (asynchronously dispatched) update
-      metrics = trainer.dispatch(batch)
-      if pending is not None:
-        writer.write_scalars(step - 1, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
-      pending = metrics
-    writer.write_scalars(s.steps, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
+    for data_cfg, steps, seq_bucket, patch_bucket in stages:
+      for _ in range(steps):
+        step += 1
+        batch = next_batch(data_cfg, seq_bucket, patch_bucket)  # overlaps the previous (async) update
+        metrics = trainer.dispatch(batch)
+        if pending is not None:
+          writer.write_scalars(step - 1, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
+        pending = metrics
+    if pending is not None:
+      writer.write_scalars(step, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
   finally:
     writer.close()
   root = os.path.join(out_dir, "checkpoints")
-  ckpt_lib.save_params(root, trainer.params(), model_cfg.to_hf_dict(), step=s.steps, assets_from=tokenizer_path)
+  ckpt_lib.save_params(root, trainer.params(), model_cfg.to_hf_dict(), step=total, assets_from=tokenizer_path)
   ckpt_lib.export_hf(root, hf_dir, overwrite=True)
-  logger.info("seed %d warm-up: %d steps in %.0f s -> %s", seed, s.steps, time.perf_counter() - t0, hf_dir)
+  logger.info("seed %d warm-up: %d steps in %.0f s -> %s", seed, total, time.perf_counter() - t0, hf_dir)
   return hf_dir
 
 
@@ -225,6 +236,10 @@ def summarize(workdir: str, seeds: Sequence[int], methods: Sequence[str]) -> dic
     initials = [p["initial_accuracy"] for p in per_seed if p["initial_accuracy"] is not None]
     out["methods"][method] = {"per_seed": per_seed, "final_accuracy": _mean_std(finals),
                               "initial_accuracy": _mean_std(initials), "curves": curves}
+  if {"mgpo", "grpo"} <= set(out["methods"]):  # paired by seed: both start from that seed's warm-up
+    final = {m: {p["seed"]: p["final_accuracy"] for p in out["methods"][m]["per_seed"]} for m in ("mgpo", "grpo")}
+    both = [k for k in seeds if final["mgpo"].get(k) is not None and final["grpo"].get(k) is not None]
+    out["mgpo_minus_grpo"] = _mean_std([final["mgpo"][k] - final["grpo"][k] for k in both])
   return out
 
 
@@ -252,6 +267,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     lines.append(f"| {method} | {_fmt(m['initial_accuracy'])} | {_fmt(m['final_accuracy'])} | "
                  f"{_first_last(c, 'train/reward_mean')} | {_first_last(c, 'rollout/valid_box_rate')} | "
                  f"{_first_last(c, 'rollout/target_hit_rate')} |")
+  if summary.get("mgpo_minus_grpo", {}).get("values"):
+    lines += ["", f"MGPO − GRPO, final eval accuracy of the same seed, in points: {_fmt(summary['mgpo_minus_grpo'])}."]
   return "\n".join(lines) + "\n"
 
 

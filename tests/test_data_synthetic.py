@@ -186,3 +186,23 @@ def test_sorted_choices_and_other_categories_unchanged():
                                                               categories=("shape", "pattern")),
                                 category=schema.Category.SHAPE)
   assert a[schema.IMAGE] == b[schema.IMAGE] and a[schema.CHOICES] == b[schema.CHOICES]
+
+
+def test_colors_restrict_the_palette_and_fix_each_letter():
+  four = ("blue", "green", "red", "yellow")
+  cfg = synthetic.SyntheticConfig(image_size=(96, 96), target_size=(10, 12), categories=("color",),
+                                  colors=four, sorted_choices=True)
+  samples = synthetic.generate_split(24, 3, cfg)
+  for s in samples:
+    assert s[schema.CHOICES] == list(four)  # every option every time, always in the same order
+    px = np.asarray(Image.open(io.BytesIO(s[schema.IMAGE])).convert("RGB")).astype(int)
+    x1, y1, x2, y2 = s[schema.TARGET_BOX]
+    centre = px[(y1 + y2) // 2, (x1 + x2) // 2]
+    colour = four[schema.OPTION_LETTERS.index(s[schema.ANSWER])]
+    assert np.abs(centre - np.asarray(synthetic.COLORS[colour])).max() <= 40  # the letter names the colour drawn
+  assert len({s[schema.ANSWER] for s in samples}) == 4
+  # The default palette is every colour: existing samples keep their bytes.
+  assert synthetic.SyntheticConfig().palette() == sorted(synthetic.COLORS)
+  for bad in (("blue", "teal"), ("blue", "blue", "red"), ("blue",)):
+    with pytest.raises(ValueError, match="colors"):
+      synthetic.SyntheticConfig(categories=("color",), colors=bad)

@@ -127,6 +127,25 @@ def test_single_turn_rows_and_mixed_batch(env):
                    np.random.default_rng(0))
 
 
+def test_single_turn_rows_on_a_close_up(env):
+  tok, _, cfg, samples, rollout_cfg = env
+  data = sft.WarmupData(box_grid=2, single_turn_view="close_up")
+  rows = sft.build_rows(samples[:6], [sft.RowKind.SINGLE_TURN] * 6, tok, cfg, rollout_cfg, data,
+                        np.random.default_rng(3))
+  for tr, s in zip(rows, samples):
+    assert tr.num_turns == 1 and tr.texts[-1] == sft.answer_text(s["answer"])
+    assert tr.turn_mask[slice(*tr.turn_spans[0])].all()
+    view = tr.images[0]  # a region of the original, at full resolution, that holds the whole target
+    assert view.size[0] < s["image"].size[0] // 2
+    x1, y1, x2, y2 = s["target_box"]
+    px = np.asarray(s["image"])
+    found = [(x, y) for y in range(view.size[1] - (y2 - y1) + 1) for x in range(view.size[0] - (x2 - x1) + 1)
+             if np.array_equal(np.asarray(view)[y:y + y2 - y1, x:x + x2 - x1], px[y1:y2, x1:x2])]
+    assert found
+  with pytest.raises(ValueError, match="single_turn_view"):
+    sft.WarmupData(single_turn_view="crop")
+
+
 def test_sft_update_lowers_the_loss(env):
   tok, sp, cfg, samples, rollout_cfg = env
   kinds = sft.draw_kinds(4, sft.WarmupData(), np.random.default_rng(2))

@@ -132,6 +132,8 @@ class SyntheticConfig:
     pattern_period: period in pixels of the PATTERN category's stripes / checks (even).
     sorted_choices: list the options in alphabetical order (the answer letter then names the value
       directly) instead of at a drawn position; `answer_index` is then decided by the value.
+    colors: names of `COLORS` the target's colour is drawn from (empty: all of them). With as many
+      colours as `num_choices` and `sorted_choices`, each letter always means the same colour.
   """
 
   image_size: tuple[int, int] = (1000, 2000)
@@ -146,6 +148,7 @@ class SyntheticConfig:
   square: bool = False
   pattern_period: int = 6
   sorted_choices: bool = False
+  colors: tuple[str, ...] = ()
 
   def __post_init__(self):
     lo, hi = self.image_size
@@ -165,11 +168,20 @@ class SyntheticConfig:
       schema.Category(c)  # Raises ValueError on an unknown name.
     if self.pattern_period < 2 or self.pattern_period % 2:
       raise ValueError(f"pattern_period must be an even number >= 2, got {self.pattern_period}")
-    values = {schema.Category.COLOR: COLORS, schema.Category.SHAPE: SHAPES, schema.Category.PATTERN: PATTERNS}
+    unknown = sorted(set(self.colors) - set(COLORS))
+    if unknown or len(set(self.colors)) != len(self.colors):
+      raise ValueError(f"colors must be distinct names of {sorted(COLORS)}, got {self.colors}")
+    if self.colors and len(self.colors) < schema.MIN_CHOICES:
+      raise ValueError(f"colors must name at least {schema.MIN_CHOICES} colours, got {self.colors}")
+    values = {schema.Category.COLOR: self.palette(), schema.Category.SHAPE: SHAPES, schema.Category.PATTERN: PATTERNS}
     most = min([len(values[schema.Category(c)]) for c in self.categories] + [len(schema.OPTION_LETTERS)])
     if not schema.MIN_CHOICES <= self.num_choices <= most:
       raise ValueError(f"num_choices must be in [{schema.MIN_CHOICES}, {most}], got {self.num_choices}")
     ImageFormat(self.image_format)
+
+  def palette(self) -> list[str]:
+    """The target colours, sorted."""
+    return sorted(self.colors or COLORS)
 
 
 def _background(rng: np.random.Generator, w: int, h: int, noise_std: float) -> np.ndarray:
@@ -215,10 +227,11 @@ def _encode(img: Image.Image, fmt: ImageFormat) -> bytes:
   return buf.getvalue()
 
 
-def _question(category: schema.Category, color: str, shape: str, pattern: str) -> tuple[str, str, list[str]]:
+def _question(category: schema.Category, color: str, shape: str, pattern: str,
+              palette: list[str]) -> tuple[str, str, list[str]]:
   """(question, correct value, all values of the asked attribute)."""
   if category == schema.Category.COLOR:
-    return f"What is the color of the small {shape}?", color, sorted(COLORS)
+    return f"What is the color of the small {shape}?", color, palette
   if category == schema.Category.PATTERN:
     # The same words for every sample: the target is the only saturated object, its colour is no cue.
     return "What is the pattern on the small colored square?", pattern, sorted(PATTERNS)
@@ -262,7 +275,8 @@ def generate_sample(
   img = Image.fromarray(bg_HWC, mode="RGB")
   _draw_clutter(rng, img, bg_mean, cfg)
 
-  color = sorted(COLORS)[rng.integers(len(COLORS))]
+  palette = cfg.palette()
+  color = palette[rng.integers(len(palette))]
   shape = sorted(SHAPES)[rng.integers(len(SHAPES))]
   s = int(rng.integers(cfg.target_size[0], cfg.target_size[1] + 1))
   margin = max(8, s)
@@ -283,7 +297,7 @@ def generate_sample(
     mx1, my1, mx2, my2 = mask.getbbox()
     target_box = [x - 1 + mx1, y - 1 + my1, x - 1 + mx2, y - 1 + my2]
 
-  question, correct, values = _question(category, color, shape, pattern)
+  question, correct, values = _question(category, color, shape, pattern, palette)
   others = [v for v in values if v != correct]
   distractors = [others[i] for i in rng.permutation(len(others))[: cfg.num_choices - 1]]
   if cfg.sorted_choices:

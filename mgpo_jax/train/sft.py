@@ -8,7 +8,9 @@ model trained from scratch does neither. The warm-up teaches both, and nothing a
                    answer, trained only when that random crop happens to show the target
   close-up rows    the same conversation with turn 1 NOT trained (mask 0): its box holds the target, from
                    3x its size up to a grid cell, so turn 2 learns to read the detail from a close-up
-  single-turn rows the GRPO baseline's one-turn format on the original image, answer trained
+  single-turn rows the GRPO baseline's one-turn format, answer trained; on the original image, or with
+                   `single_turn_view="close_up"` on a close-up crop of it (perception of the detail
+                   and the one-turn format, without ever training an answer on the shrunk full image)
 
 Box tokens get gradient only from the uniformly random boxes of format rows, so after the warm-up the
 box does not depend on the image: choosing the region that holds the target must come from the RL
@@ -39,6 +41,7 @@ from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, smart_re
 from mgpo_jax.rl.batch import TrainBatch
 from mgpo_jax.rollout import crop as crop_lib
 from mgpo_jax.rollout import engine as engine_lib
+from mgpo_jax.rollout import parse as parse_lib
 from mgpo_jax.rollout import trajectory as traj_lib
 from mgpo_jax.sampling import SampleOutput, StopReason
 from mgpo_jax.train.step import sequence_logprobs, token_loss_mask
@@ -123,12 +126,18 @@ class WarmupData:
   mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of format / close-up / single-turn rows
   label: str = "key region"              # the JSON label of every box
   close_up_min_side: float = 3.0         # smallest close-up box, in target sides (largest: a grid cell)
+  single_turn_view: str = "full"         # image of single-turn rows: "full" (the original) or "close_up"
+
+  def __post_init__(self):
+    if self.single_turn_view not in ("full", "close_up"):
+      raise ValueError(f"single_turn_view must be 'full' or 'close_up', got {self.single_turn_view!r}")
 
 
 def _row_plan(sample: Mapping[str, Any], kind: RowKind, cfg: WarmupData, image_cfg: ImageProcessorConfig,
               rng: np.random.Generator) -> tuple[tuple[int, int, int, int] | None, bool, bool]:
-  """(box, train turn 1, train the answer) of one row."""
-  if kind == RowKind.SINGLE_TURN:
+  """(box, train turn 1, train the answer) of one row; for a single-turn row the box is the close-up
+  view (input pixels) its image is cut to, or None for the full image."""
+  if kind == RowKind.SINGLE_TURN and cfg.single_turn_view == "full":
     return None, False, True
   orig = sample["image"].size
   in_size = input_size(orig, image_cfg)
@@ -140,10 +149,26 @@ def _row_plan(sample: Mapping[str, Any], kind: RowKind, cfg: WarmupData, image_c
     return boxes[i], True, cover[i] >= cfg.min_coverage
   if target is None:
     raise ValueError(f"sample {sample.get('id')!r}: close-up rows need a target_box")
-  return _close_up_box(target, orig, in_size, boxes[0], cfg.close_up_min_side, rng), False, True
+  # A single-turn view is only cut from the original, so it may be tighter than a box the model could
+  # give (parse.MIN_BOX_SIDE): the detail then fills more of the image.
+  min_px = 8 if kind == RowKind.SINGLE_TURN else parse_lib.MIN_BOX_SIDE + 1
+  return _close_up_box(target, orig, in_size, boxes[0], cfg.close_up_min_side, rng, min_px), False, True
 
 
-def _close_up_box(target, orig, in_size, cell, min_side: float, rng: np.random.Generator):
+def _close_up_sample(sample: Mapping[str, Any], box_in, image_cfg: ImageProcessorConfig) -> dict[str, Any]:
+  """`sample` with its image cut to the close-up `box_in` (input pixels) and the target box moved along."""
+  orig = sample["image"].size
+  in_size = input_size(orig, image_cfg)
+  x1, y1, _, _ = crop_lib.map_box_to_original(box_in, in_size, orig)
+  out = dict(sample)
+  out["image"] = crop_lib.crop_original(sample["image"], box_in, in_size)
+  t = sample[schema.TARGET_BOX]
+  out[schema.TARGET_BOX] = [t[0] - x1, t[1] - y1, t[2] - x1, t[3] - y1]
+  return out
+
+
+def _close_up_box(target, orig, in_size, cell, min_side: float, rng: np.random.Generator,
+                  min_px: int = parse_lib.MIN_BOX_SIDE + 1):
   """A square box (input pixels) holding the whole target, its side drawn between `min_side` x the
   target's and a grid cell's: a curriculum from large, easy views of the detail to the cell-sized crops
   the grounding turn produces."""
@@ -152,7 +177,7 @@ def _close_up_box(target, orig, in_size, cell, min_side: float, rng: np.random.G
   tx1, ty1 = int(target[0] * sx), int(target[1] * sy)
   tx2, ty2 = int(np.ceil(target[2] * sx)), int(np.ceil(target[3] * sy))
   hi = min(cell[2] - cell[0], cell[3] - cell[1])
-  lo = min(hi, max(29, int(min_side * max(tx2 - tx1, ty2 - ty1))))
+  lo = min(hi, max(min_px, int(min_side * max(tx2 - tx1, ty2 - ty1))))
   side = int(rng.integers(lo, hi + 1))
   def start(t1, t2, size):
     a, b = max(0, t2 - side), min(t1, size - side)
@@ -176,6 +201,10 @@ def build_rows(samples: Sequence[Mapping[str, Any]], kinds: Sequence[RowKind], t
       continue
     plans = [_row_plan(samples[i], kinds[i], cfg, rollout_cfg.image, rng) for i in idx]
     letters = [samples[i][schema.ANSWER] for i in idx]
+    rows = [samples[i] for i in idx]
+    if single:  # the plan's box is the view; the conversation has no box
+      rows = [r if p[0] is None else _close_up_sample(r, p[0], rollout_cfg.image) for r, p in zip(rows, plans)]
+      plans = [(None, False, True)] * len(plans)
 
     def script(r, turn, plans=plans, letters=letters):
       box = plans[r][0]
@@ -185,7 +214,7 @@ def build_rows(samples: Sequence[Mapping[str, Any]], kinds: Sequence[RowKind], t
     eng = engine_lib.RolloutEngine(
         ScriptedSampler(model_cfg, tokenizer, script, special.pad, special.im_end), tokenizer,
         dataclasses.replace(rollout_cfg, mode=mode, max_turns=1 if single else 2, num_generations=1))
-    result = eng.run([samples[i] for i in idx], jax.random.key(0))
+    result = eng.run(rows, jax.random.key(0))
     for j, (tr, (box, train_box, train_answer)) in enumerate(zip(result.trajectories, plans)):
       if box is not None and not tr.box_valid[0]:
         raise ValueError(f"warm-up box {box} was rejected ({tr.box_reasons[0]}): box_grid too fine")
