@@ -4,16 +4,16 @@ table and plot are written. The full comparison's numbers are in the README (con
 ~50 minutes on 2 cores)."""
 
 import json
+import math
 import os
 
 import pytest
 
 from configs import repro_synthetic
-from mgpo_jax import repro
+from mgpo_jax import repro, repro_probe
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _reduced_config():
   c = repro_synthetic.get_config()
   c.model.tiny.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, mrope_section=(2, 3, 3)))
   c.repro.seeds = (3,)
@@ -30,8 +30,13 @@ def run(tmp_path_factory):
   c.train.visualize_every = 0
   c.eval.synthetic.n = 8
   c.eval.batch_size = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("repro"))
-  return workdir, repro.run(c, workdir)
+  return workdir, repro.run(_reduced_config(), workdir)
 
 
 def _metrics(workdir, method):
@@ -75,3 +80,57 @@ def test_results_table_and_plot(run):
   # The summary is a pure function of the runs' metrics.jsonl files.
   again = repro.summarize(workdir, (3,), ("mgpo", "grpo"))
   assert again["methods"]["mgpo"]["final_accuracy"] == m["final_accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The localisation probe (a diagnostic beside the comparison: labelled boxes, never used by it).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_probe_rows_carry_the_label_cell_and_mask_the_answer(run):
+  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.rollout import crop as crop_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
+
+  workdir, _ = run
+  c = _reduced_config()
+  tok = tok_lib.load_tokenizer(os.path.join(workdir, "seed3", "sft", "hf"))
+  rcfg = schema_lib.rollout_config(c)
+  samples = repro._decoded(synthetic.iter_split(6, 5, schema_lib.synthetic_config(c.data)), c.data.max_image_pixels)
+  rows = repro_probe.labelled_rows(samples, tok, experiment.build_model_config(c, tok), rcfg, 3, train_answer=False)
+  for sample, tr in zip(samples, rows):
+    in_size = sft.input_size(sample["image"].size, rcfg.image)
+    cover = [crop_lib.target_coverage(b, in_size, sample["image"].size, sample["target_box"])
+             for b in sft.grid_boxes(*in_size, 3)]
+    assert tr.box_valid == [True]
+    assert crop_lib.target_coverage(tr.boxes[0], in_size, sample["image"].size, sample["target_box"]) == max(cover)
+    (s1, e1), (s2, e2) = tr.turn_spans
+    assert tr.turn_mask[s1:e1].all() and not tr.turn_mask[s2:e2].any()
+
+
+def test_labelled_cells_answers_one_label_per_row():
+  cells = repro_probe.LabelledCells([2, 0])
+  assert (cells.integers(9), cells.integers(9)) == (2, 0)
+  with pytest.raises(RuntimeError, match="one cell index per format row"):
+    cells.integers(9)
+  with pytest.raises(RuntimeError, match="outside"):
+    repro_probe.LabelledCells([9]).integers(9)
+
+
+def test_probe_reports_the_held_out_box_nll(run, tmp_path):
+  workdir, _ = run
+  c = _reduced_config()
+  c.repro.sft.batch_size = 4
+  out = str(tmp_path / "probe.json")
+  r = repro_probe.run(c, os.path.join(workdir, "seed3", "sft", "hf"), steps=2, eval_every=1, learning_rate=1e-3,
+                      num_samples=8, num_eval=4, out_path=out)
+  steps = [s for s, _ in r["held_out_box_nll"]]
+  assert steps == [0, 1, 2]
+  # (the reduced 40-step warm-up is far from the full one's ~2.2 nats, so only finiteness is checked)
+  assert all(math.isfinite(nll) and nll > 0.0 for _, nll in r["held_out_box_nll"])
+  assert r["held_out_box_nll"][2][1] != r["held_out_box_nll"][0][1]  # the updates moved the model
+  with open(out, encoding="utf-8") as f:
+    assert json.load(f)["image_blind_nll"] == pytest.approx(2.1972, abs=1e-3)
