@@ -47,14 +47,10 @@ class LabelledCells:
 
 def label_cell(sample, image_cfg, cells: int) -> int:
   """Index (into `sft.grid_boxes`) of the cell that holds the most of the sample's target."""
-  from mgpo_jax.data import schema  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.rollout import crop as crop_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
 
-  orig = sample["image"].size
-  in_size = sft.input_size(orig, image_cfg)
-  boxes = sft.grid_boxes(*in_size, cells)
-  return int(np.argmax([crop_lib.target_coverage(b, in_size, orig, sample[schema.TARGET_BOX]) for b in boxes]))
+  _, cover = sft.grid_cells(sample, sft.input_size(sample["image"].size, image_cfg), cells)
+  return int(np.argmax(cover))
 
 
 def labelled_rows(samples, tokenizer, model_cfg, rollout_cfg, cells: int, train_answer: bool):
@@ -108,8 +104,8 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
                                    vision_cfg=model_cfg.vision, max_turns=2,
                                    image_token_id=model_cfg.image_token_id)
 
-  eval_batches = [(batch(labelled_rows(held_out[i:i + bs], tokenizer, model_cfg, rollout_cfg, cells, False)),
-                   len(held_out[i:i + bs])) for i in range(0, len(held_out), bs)]
+  eval_batches = [batch(labelled_rows(held_out[i:i + bs], tokenizer, model_cfg, rollout_cfg, cells, False))
+                  for i in range(0, len(held_out), bs)]
   tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm or 1e9),
                    optax.adamw(optax.linear_schedule(0.05 * learning_rate, learning_rate, min(20, steps)),
                                weight_decay=0.0))
@@ -121,7 +117,7 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
     return loss * count
 
   def held_out_nll() -> float:
-    return sum(float(summed_nll(trainer.params(), b)) for b, _ in eval_batches) / len(held_out)
+    return sum(float(summed_nll(trainer.params(), b)) for b in eval_batches) / len(held_out)
 
   curve = [(0, held_out_nll())]
   rng = np.random.default_rng(s.data_seed)

@@ -133,6 +133,16 @@ class WarmupData:
       raise ValueError(f"single_turn_view must be 'full' or 'close_up', got {self.single_turn_view!r}")
 
 
+def grid_cells(sample: Mapping[str, Any], in_size: tuple[int, int], cells: int
+               ) -> tuple[list[tuple[int, int, int, int]], list[float]]:
+  """The `cells` x `cells` grid boxes of the model-input image (`in_size`) and the share of the
+  sample's target each one shows (0 without a target_box)."""
+  boxes = grid_boxes(*in_size, cells)
+  target = sample.get(schema.TARGET_BOX)
+  orig = sample["image"].size
+  return boxes, [crop_lib.target_coverage(b, in_size, orig, target) if target is not None else 0.0 for b in boxes]
+
+
 def _row_plan(sample: Mapping[str, Any], kind: RowKind, cfg: WarmupData, image_cfg: ImageProcessorConfig,
               rng: np.random.Generator) -> tuple[tuple[int, int, int, int] | None, bool, bool]:
   """(box, train turn 1, train the answer) of one row; for a single-turn row the box is the close-up
@@ -141,9 +151,8 @@ def _row_plan(sample: Mapping[str, Any], kind: RowKind, cfg: WarmupData, image_c
     return None, False, True
   orig = sample["image"].size
   in_size = input_size(orig, image_cfg)
-  boxes = grid_boxes(*in_size, cfg.box_grid)
+  boxes, cover = grid_cells(sample, in_size, cfg.box_grid)
   target = sample.get(schema.TARGET_BOX)
-  cover = [crop_lib.target_coverage(b, in_size, orig, target) if target is not None else 0.0 for b in boxes]
   if kind == RowKind.FORMAT:
     i = int(rng.integers(len(boxes)))
     return boxes[i], True, cover[i] >= cfg.min_coverage
