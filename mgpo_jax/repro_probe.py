@@ -155,7 +155,8 @@ if __name__ == "__main__":
   _STEPS = flags.DEFINE_integer("steps", 400, "Labelled-box steps.")
   _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out NLL every this many steps.")
   _LR = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (the warm-up's).")
-  _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Training pool (the warm-up's size); held decoded, ~4 MB per sample.")
+  _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000,
+                                      "Training pool (the warm-up's size); held decoded, 6-9 MB per sample here.")
   _NUM_EVAL = flags.DEFINE_integer("num_eval", 96, "Held-out samples (the RL eval set).")
   _OUT = flags.DEFINE_string("out", None, "Write the result JSON here.")
   app.run(main)
