@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -78,17 +77,18 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import experiment, repro  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import repro  # pylint: disable=g-import-not-at-top
   from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from mgpo_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig  # pylint: disable=g-import-not-at-top
   from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
 
   s = config.repro.sft
   cells, bs = s.box_grid, s.batch_size
   tokenizer = tok_lib.load_tokenizer(hf_dir)
-  model_cfg = experiment.build_model_config(config, tokenizer)
+  model_cfg = Qwen25VLConfig.from_pretrained(hf_dir)  # the export's sizes and special-token ids
   rollout_cfg = schema_lib.rollout_config(config)
   t0 = time.perf_counter()
   max_px = config.data.max_image_pixels
