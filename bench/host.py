@@ -64,7 +64,8 @@ def _image(wh, seed):
 
 
 def _tokenizer_and_model_cfg(size: str, tmp: str):
-  from mgpo_jax.tokenizer import build_tokenizer, special_token_ids
+  from mgpo_jax.models.qwen2_5_vl.chat import special_token_ids
+  from mgpo_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
   tok = build_tokenizer(os.path.join(tmp, "tok"))
   sp = special_token_ids(tok)
   cfg = common.get_size(size).replace(

@@ -13,7 +13,7 @@ import os
 import sys
 
 from bench import common
-from tools import plan as plan_lib
+from mgpo_jax.plan import memory as plan_lib
 
 CONFIG = os.path.join(common.REPO_ROOT, "configs", "tpu_v5.py")
 

@@ -60,10 +60,10 @@ def _worker(cfg: ReshardBenchConfig) -> dict:
   import jax
   from flax import nnx
   from mgpo_jax import sampling
-  from mgpo_jax import sharding as shd
+  from mgpo_jax.parallel import sharding as shd
   from mgpo_jax.models.qwen2_5_vl.params import init_model
   from bench.rollout import make_prompts
-  from tools import plan as plan_lib
+  from mgpo_jax.plan import memory as plan_lib
   if jax.device_count() < DEVICES:
     raise RuntimeError(f"needs {DEVICES} devices, have {jax.device_count()} (run through `run`)")
   mcfg = common.get_size(cfg.size)

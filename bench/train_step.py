@@ -143,9 +143,9 @@ class Ours:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from mgpo_jax import sharding as shd
+    from mgpo_jax.parallel import sharding as shd
     from mgpo_jax.models import qwen2_5_vl
-    from mgpo_jax.train import Learner, LearnerConfig, OldLogpSource, OptimConfig
+    from mgpo_jax.learner import Learner, LearnerConfig, OldLogpSource, OptimConfig
     self.jax = jax
     R, T = b.ids.shape
     policy = qwen2_5_vl.from_pretrained(hf_dir)

@@ -24,21 +24,20 @@ from __future__ import annotations
 import enum
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from mgpo_jax import learner
 from mgpo_jax import rl
 from mgpo_jax import sampling
-from mgpo_jax import sharding
-from mgpo_jax import train
+from mgpo_jax.parallel import sharding
 from mgpo_jax.data import readers
 from mgpo_jax.data import synthetic
+from mgpo_jax.models.qwen2_5_vl import chat
 from mgpo_jax.models.qwen2_5_vl import config as model_config_lib
 from mgpo_jax.models.qwen2_5_vl import preprocess
+from mgpo_jax.rollout import engine as engine_lib
 from mgpo_jax.rollout import prompts as prompts_lib
 from mgpo_jax.rollout import reward as reward_lib
-
-if TYPE_CHECKING:
-  from mgpo_jax.rollout import engine as engine_lib
 
 Qwen25VLConfig = model_config_lib.Qwen25VLConfig
 
@@ -66,9 +65,8 @@ NAMED_SIZES: dict[str, Callable[[], Qwen25VLConfig]] = {
 
 TOKENIZER_FROM_HF_DIR = "hf_dir"
 TOKENIZER_BUILD_LOCAL = "build_local"
-# Special tokens `tokenizer.build_tokenizer` adds on top of its BPE vocabulary
-# (len(tokenizer.QWEN_SPECIAL_TOKENS); not imported: that module loads transformers).
-NUM_LOCAL_SPECIAL_TOKENS = 14
+# Special tokens `tokenizer.build_tokenizer` adds on top of its BPE vocabulary.
+NUM_LOCAL_SPECIAL_TOKENS = len(chat.SPECIAL_TOKENS)
 
 
 class DType(enum.StrEnum):
@@ -78,9 +76,9 @@ class DType(enum.StrEnum):
   BFLOAT16 = "bfloat16"
 
 
-PRECISION: dict[DType, train.Precision] = {
-    DType.FLOAT32: train.Precision.FLOAT32,
-    DType.BFLOAT16: train.Precision.BF16,
+PRECISION: dict[DType, learner.Precision] = {
+    DType.FLOAT32: learner.Precision.FLOAT32,
+    DType.BFLOAT16: learner.Precision.BF16,
 }
 
 
@@ -96,7 +94,7 @@ SHARDING_RULES: dict[SamplingRules, Mapping[str, str | None]] = {
 
 
 class Optimizer(enum.StrEnum):
-  ADAMW = "adamw"  # mgpo_jax.train.make_optimizer: global-norm clipping + AdamW.
+  ADAMW = "adamw"  # mgpo_jax.learner.make_optimizer: global-norm clipping + AdamW.
 
 
 # Vision patches are 14 x 14 pixels (every released Qwen2.5-VL).
@@ -356,7 +354,7 @@ def _check_rl(chk: _Checker) -> None:
   chk.number("rl.adv_eps", lo=0.0, lo_open=True)
   chk.choice("rl.kl_estimator", [e.value for e in rl.KLEstimator])
   chk.choice("rl.aggregation", [a.value for a in rl.Aggregation])
-  chk.choice("rl.old_logp", [s.value for s in train.OldLogpSource])
+  chk.choice("rl.old_logp", [s.value for s in learner.OldLogpSource])
   chk.integer("rl.logprob_chunk_size", lo=1)
   chk.integer("rl.ppo_epochs", lo=1)
   batch = _peek(chk.config, "data", "batch_size")  # Range-checked by _check_data.
@@ -387,7 +385,7 @@ def _check_rl(chk: _Checker) -> None:
 
 def _check_optim(chk: _Checker) -> None:
   chk.choice("optim.name", [o.value for o in Optimizer])
-  schedule = chk.choice("optim.schedule", [s.value for s in train.Schedule])
+  schedule = chk.choice("optim.schedule", [s.value for s in learner.Schedule])
   chk.number("optim.learning_rate", lo=0.0, lo_open=True)
   warmup = chk.integer("optim.warmup_steps", lo=0)
   decay = chk.integer("optim.decay_steps", lo=0)
@@ -400,7 +398,7 @@ def _check_optim(chk: _Checker) -> None:
   steps = _peek(chk.config, "train", "num_steps")
   if _ok(warmup) and _is_int(steps) and warmup > steps:
     chk.add("optim.warmup_steps", f"{warmup} > train.num_steps={steps}")
-  if schedule == train.Schedule.COSINE.value and _ok(warmup, decay) and _is_int(steps):
+  if schedule == learner.Schedule.COSINE.value and _ok(warmup, decay) and _is_int(steps):
     if (decay or steps - warmup) < 1:
       chk.add("optim.decay_steps", f"the cosine decay after {warmup} warmup steps is empty "
               f"(decay_steps={decay}, train.num_steps={steps})")
@@ -454,19 +452,6 @@ def validate(config: Any) -> None:
   _raise(chk.problems)
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """`shape` with its -1 (if any) replaced so that the product is `num_devices`."""
-  shape = tuple(int(s) for s in shape)
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if known < 1 or num_devices % known:
-      raise ConfigError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
-    shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(shape) != num_devices:
-    raise ConfigError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
-  return shape
-
-
 def validate_runtime(config: Any, *, num_devices: int, process_count: int,
                      check_paths: bool = True) -> tuple[int, ...]:
   """Checks `config` against the machine; returns the resolved training mesh shape.
@@ -480,13 +465,13 @@ def validate_runtime(config: Any, *, num_devices: int, process_count: int,
   problems = []
   shape = None
   try:
-    shape = resolve_mesh_shape(config.mesh.shape, num_devices)
-  except ConfigError as e:
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+  except ValueError as e:
     problems.append(f"mesh.shape: {e}")
   if config.mesh.sampling_shape:
     try:  # Each process samples on its own devices.
-      resolve_mesh_shape(config.mesh.sampling_shape, num_devices // max(process_count, 1))
-    except ConfigError as e:
+      sharding.resolve_mesh_shape(config.mesh.sampling_shape, num_devices // max(process_count, 1))
+    except ValueError as e:
       problems.append(f"mesh.sampling_shape: {e}")
   n = config.rollout.num_generations
   batch = config.data.batch_size
@@ -582,25 +567,30 @@ def updates_per_step(config: Any) -> int:
   return config.data.batch_size // config.rl.mini_batch_size * config.rl.ppo_epochs
 
 
-def optim_config(config: Any) -> train.OptimConfig:
+def optim_config(config: Any) -> learner.OptimConfig:
   """The learner's OptimConfig; schedule lengths converted from training steps to updates."""
   o = config.optim
   k = updates_per_step(config)
-  schedule = train.Schedule(o.schedule)
+  schedule = learner.Schedule(o.schedule)
   total = None
-  if schedule is train.Schedule.COSINE:
+  if schedule is learner.Schedule.COSINE:
     decay = o.decay_steps or config.train.num_steps - o.warmup_steps
     total = (o.warmup_steps + decay) * k
-  return train.OptimConfig(
+  return learner.OptimConfig(
       learning_rate=o.learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
       grad_clip_norm=o.grad_clip_norm or None, schedule=schedule,
       warmup_steps=o.warmup_steps * k, total_steps=total, min_lr_ratio=o.min_lr_ratio)
 
 
-def learner_config(config: Any) -> train.LearnerConfig:
+def compute_dtype(config: Any):
+  """The dtype of forward passes (`model.dtype`), as the learner and the sampler use it."""
+  return PRECISION[DType(config.model.dtype)].compute_dtype
+
+
+def learner_config(config: Any) -> learner.LearnerConfig:
   """The learner's settings; batch sizes converted from prompts to rows (x num_generations)."""
   r = config.rl
-  return train.LearnerConfig(
+  return learner.LearnerConfig(
       advantage_estimator=r.advantage,
       advantage_eps=r.adv_eps,
       loss=policy_loss_config(config),
@@ -616,15 +606,12 @@ def learner_config(config: Any) -> train.LearnerConfig:
 
 
 def rollout_config(config: Any, image: preprocess.ImageProcessorConfig | None = None,
-                   greedy: bool = False) -> "engine_lib.RolloutConfig":
+                   greedy: bool = False) -> engine_lib.RolloutConfig:
   """The rollout engine's settings (`image`: the checkpoint's processor, default Qwen's).
 
   `greedy=True` gives the evaluation variant: one greedy sample per prompt (the sampler decodes
   greedily at temperature <= 0), with eval.max_turns when set.
   """
-  # Imported here: the engine pulls in transformers (seconds), which validation does not need.
-  from mgpo_jax.rollout import engine as engine_lib  # pylint: disable=g-import-not-at-top
-
   r = config.rollout
   mode = engine_lib.RolloutMode.SINGLE_TURN if r.single_turn else engine_lib.RolloutMode.MGPO
   max_turns = r.max_turns

@@ -25,15 +25,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mgpo_jax.programs import flags as program_flags
+from mgpo_jax.programs import train
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cpu_tiny.py", "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run: logs, checkpoints (local or gs://).",
                                required=True)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "host:port of process 0, for multi-process runs off TPU pods "
-    "(TPU pods are detected automatically).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of the run (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+_MULTIHOST = program_flags.define_multihost_flags()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -42,12 +41,8 @@ def main(argv: Sequence[str]) -> None:
   # Log lines go through absl's handler (installed by app.run): "W1130 12:00:00.0 file.py:79] ...".
   for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-
-  from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top  # after flags: imports jax
-  experiment.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from mgpo_jax.train import loop  # pylint: disable=g-import-not-at-top
-
-  loop.train(_CONFIG.value, _WORKDIR.value)
+  _MULTIHOST.init_distributed()
+  train.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 
 from PIL import Image
 
-from mgpo_jax import metrics as metrics_lib
+from mgpo_jax.io import metrics as metrics_lib
 from mgpo_jax.data import readers, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

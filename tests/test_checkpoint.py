@@ -1,4 +1,5 @@
-"""mgpo_jax/checkpoint.py: the params format shared by the trainer and the converter."""
+"""mgpo_jax/io/checkpoint.py and models/qwen2_5_vl/checkpoint.py: the params format shared by the trainer
+and the converter."""
 
 import json
 import os
@@ -15,7 +16,8 @@ import pytest
 from flax import nnx
 
 import hf_reference as R
-from mgpo_jax import checkpoint
+from mgpo_jax.io import checkpoint as ckpt_io
+from mgpo_jax.models.qwen2_5_vl import checkpoint
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
 from mgpo_jax.models.qwen2_5_vl import safetensors_io as sio
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
@@ -25,7 +27,7 @@ CFG = Qwen25VLConfig.from_hf_dict(HF_CONFIG)
 
 
 def leaves(state):
-  return checkpoint._flatten(nnx.to_pure_dict(state))
+  return ckpt_io.flatten(nnx.to_pure_dict(state))
 
 
 def scaled(state, factor):
@@ -41,9 +43,9 @@ def test_save_restore_round_trip(model, tmp_path):
   state = nnx.split(model)[1]
   step_dir = checkpoint.save_params(tmp_path / "root", state, HF_CONFIG, step=3)
   assert step_dir == str(tmp_path / "root" / "3")
-  assert sorted(os.listdir(tmp_path / "root")) == ["3", checkpoint.HF_CONFIG]
-  assert os.path.isdir(os.path.join(step_dir, checkpoint.PARAMS))
-  assert checkpoint.latest_step(tmp_path / "root") == 3
+  assert sorted(os.listdir(tmp_path / "root")) == ["3", ckpt_io.HF_CONFIG]
+  assert os.path.isdir(os.path.join(step_dir, ckpt_io.PARAMS))
+  assert ckpt_io.latest_step(tmp_path / "root") == 3
   cfg, hf_config, restored = checkpoint.restore_params(tmp_path / "root")
   assert cfg == CFG and hf_config == json.loads(json.dumps(HF_CONFIG))
   a, b = leaves(state), leaves(restored)
@@ -77,30 +79,30 @@ def test_restore_casts_with_round_to_nearest_even(model, tmp_path):
 def test_trainer_workdir_layout(model, tmp_path):
   """A trainer run: WORKDIR/checkpoints/<step>/{params, train_state}, its own CheckpointManager."""
   state = nnx.split(model)[1]
-  root = tmp_path / "workdir" / checkpoint.CHECKPOINTS_SUBDIR
+  root = tmp_path / "workdir" / ckpt_io.CHECKPOINTS_SUBDIR
   checkpoint.write_root(root, HF_CONFIG)
   mngr = ocp.CheckpointManager(
-      root, item_handlers={checkpoint.PARAMS: checkpoint.params_handler(),
+      root, item_handlers={ckpt_io.PARAMS: ckpt_io.params_handler(),
                            "train_state": ocp.StandardCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
   for step, factor in ((5, 1.0), (10, 2.0)):
     mngr.save(step, args=ocp.args.Composite(**{
-        checkpoint.PARAMS: checkpoint.params_save_args(scaled(state, factor)),
+        ckpt_io.PARAMS: ckpt_io.params_save_args(scaled(state, factor)),
         "train_state": ocp.args.StandardSave({"step": jnp.asarray(step), "lr": jnp.asarray(0.1)})}))
   mngr.wait_until_finished()
   # The trainer resumes through its own manager with `params_restore_args` (here cast to bfloat16).
   abstract = nnx.split(params_lib.abstract_model(CFG, jnp.bfloat16))[1]
   got = mngr.restore(10, args=ocp.args.Composite(**{
-      checkpoint.PARAMS: checkpoint.params_restore_args(abstract), "train_state": ocp.args.StandardRestore()}))
+      ckpt_io.PARAMS: ckpt_io.params_restore_args(abstract), "train_state": ocp.args.StandardRestore()}))
   assert int(got["train_state"]["step"]) == 10
-  assert got[checkpoint.PARAMS]["q"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(got[checkpoint.PARAMS]["q"]),
+  assert got[ckpt_io.PARAMS]["q"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got[ckpt_io.PARAMS]["q"]),
                                 (2.0 * np.asarray(state["q"][...])).astype(ml_dtypes.bfloat16))
   mngr.close()
-  os.makedirs(root / "15.orbax-checkpoint-tmp-123" / checkpoint.PARAMS)  # an interrupted save
+  os.makedirs(root / "15.orbax-checkpoint-tmp-123" / ckpt_io.PARAMS)  # an interrupted save
   workdir = tmp_path / "workdir"
-  assert checkpoint.all_steps(workdir) == [5, 10]
-  assert checkpoint.latest_step(workdir) == 10
+  assert ckpt_io.all_steps(workdir) == [5, 10]
+  assert ckpt_io.latest_step(workdir) == 10
   _, _, latest = checkpoint.restore_params(workdir)
   _, _, five = checkpoint.restore_params(workdir, step=5)
   np.testing.assert_array_equal(np.asarray(latest["q"][...]), 2.0 * np.asarray(state["q"][...]))
@@ -113,7 +115,7 @@ def test_trainer_workdir_layout(model, tmp_path):
   assert sorted(files) == sorted(want)
   for key, arr in want.items():
     assert files[key].read(key).tobytes() == np.ascontiguousarray(arr).tobytes(), key
-  with pytest.raises(checkpoint.CheckpointError, match="step 7 not found.*\\[5, 10\\]"):
+  with pytest.raises(ckpt_io.CheckpointError, match="step 7 not found.*\\[5, 10\\]"):
     checkpoint.restore_params(workdir, step=7)
 
 
@@ -138,10 +140,10 @@ def test_mismatches_are_named(model, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.restore_params(tmp_path / "nowhere")
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(checkpoint.CheckpointError, match="not an mgpo_jax checkpoint"):
+  with pytest.raises(ckpt_io.CheckpointError, match="not an mgpo_jax checkpoint"):
     checkpoint.restore_params(tmp_path / "empty")
   checkpoint.write_root(tmp_path / "nosteps", HF_CONFIG)
-  with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint step"):
+  with pytest.raises(ckpt_io.CheckpointError, match="no complete checkpoint step"):
     checkpoint.restore_params(tmp_path / "nosteps")
   with pytest.raises(ValueError, match="model_type"):
     checkpoint.write_root(tmp_path / "bad", {**HF_CONFIG, "model_type": "llama"})
@@ -156,11 +158,11 @@ def test_copy_assets_takes_only_tokenizer_processor_and_template_files(tmp_path)
                     "pytorch_model.bin"]:
     (src / n).write_text(n)
   (src / "additional_chat_templates" / "tool.jinja").write_text("t")
-  copied = checkpoint.copy_assets(src, tmp_path / "dst")
+  copied = ckpt_io.copy_assets(src, tmp_path / "dst")
   assert sorted(copied) == sorted(names + ["additional_chat_templates"])
   assert sorted(os.listdir(tmp_path / "dst")) == sorted(copied)
   assert (tmp_path / "dst" / "additional_chat_templates" / "tool.jinja").read_text() == "t"
-  assert checkpoint.copy_assets(tmp_path / "dst" / "tokenizer.json", tmp_path / "x") == []
+  assert ckpt_io.copy_assets(tmp_path / "dst" / "tokenizer.json", tmp_path / "x") == []
   assert not os.path.exists(tmp_path / "x")
 
 
@@ -199,7 +201,8 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax
     sys.path.insert(0, sys.argv[2])
     import hf_reference as R
-    from mgpo_jax import checkpoint, sharding as shd
+    from mgpo_jax.models.qwen2_5_vl import checkpoint
+    from mgpo_jax.parallel import sharding as shd
     assert jax.device_count() == 8, jax.devices()
     root = sys.argv[1]
     single = checkpoint.restore_model(root)
@@ -243,7 +246,7 @@ def test_restore_onto_8_device_mesh(ref_untied, tmp_path):
                      capture_output=True, text=True, timeout=600, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.split("RESULT ", 1)[1])
-  # data=2, fsdp=2, tensor=2; `embed` -> fsdp, heads/mlp/vocab -> tensor (mgpo_jax.sharding.RULES).
+  # data=2, fsdp=2, tensor=2; `embed` -> fsdp, heads/mlp/vocab -> tensor (mgpo_jax.parallel.sharding.RULES).
   assert res["q"]["spec"] == [None, "fsdp", "tensor", None]
   assert res["q"]["shards"] == [[2, 32, 2, 16]]        # [L, D/2, N/2, H]: each device holds only its part
   assert res["embed"]["spec"] == ["tensor", "fsdp"] and res["embed"]["shards"] == [[150, 32]]

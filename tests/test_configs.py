@@ -14,7 +14,7 @@ import pytest
 
 from mgpo_jax import config_schema as cs
 from mgpo_jax import rl
-from mgpo_jax import sharding
+from mgpo_jax.parallel import sharding
 from mgpo_jax.data import readers
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
 
@@ -125,7 +125,8 @@ def test_cpu_tiny_is_tiny():
 
 def test_cpu_tiny_prompts_fit_its_buckets(tmp_path):
   """The tiny buckets hold real prompts of the locally built tokenizer at max_pixels."""
-  from mgpo_jax import tokenizer as tok_lib
+  from mgpo_jax.models.qwen2_5_vl import chat
+  from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
   from mgpo_jax.rollout import prompts
 
   c = load("cpu_tiny")
@@ -136,12 +137,12 @@ def test_cpu_tiny_prompts_fit_its_buckets(tmp_path):
   pcfg = prompts.PromptConfig()
   longest = 0
   for s in itertools.islice(readers.read_source(c.data.source, **cs.reader_kwargs(c.data)), 16):
-    turn1 = tok_lib.render_chat(tok, prompts.turn1_messages(s["question"], s["choices"], pcfg),
+    turn1 = chat.render_chat(tok, prompts.turn1_messages(s["question"], s["choices"], pcfg),
                                 add_generation_prompt=True, num_tokens_per_image=[max_tokens])
     assert len(turn1) <= c.rollout.prompt_buckets[-1]
     follow = prompts.followup_user_message(s["question"], s["choices"], (0, 0, 99, 99), True, pcfg)
     # The follow-up is rendered alone here, so it carries a default system message: an upper bound.
-    turn2 = tok_lib.render_chat(tok, [follow], add_generation_prompt=True,
+    turn2 = chat.render_chat(tok, [follow], add_generation_prompt=True,
                                 num_tokens_per_image=[max_tokens])
     longest = max(longest, len(turn1) + len(turn2) + 2 * c.rollout.max_new_tokens)
   assert longest <= c.rollout.seq_buckets[-1]
@@ -336,23 +337,23 @@ def test_conversions():
 
 
 def test_learner_and_optimizer_settings():
-  from mgpo_jax import train
+  from mgpo_jax import learner as learner_lib
 
   c = load("base")
   learner = cs.learner_config(c)
   # Paper: 512 prompts x 8 = 4096 rows per step, 4 updates of 128 prompts; micro-batches of 16 prompts.
   assert learner.num_mini_batches == 4 and learner.micro_batch_size == 16 * 8
   assert learner.advantage_estimator == "grpo" and learner.advantage_eps == 1e-6
-  assert learner.precision is train.Precision.BF16 and learner.remat
-  assert learner.old_logp is train.OldLogpSource.RECOMPUTE
+  assert learner.precision is learner_lib.Precision.BF16 and learner.remat
+  assert learner.old_logp is learner_lib.OldLogpSource.RECOMPUTE
   assert learner.loss == rl.PolicyLossConfig() and learner.temperature == 1.0
-  assert cs.learner_config(load("cpu_tiny")).precision is train.Precision.FLOAT32
-  assert learner.optim == train.OptimConfig()  # The paper's AdamW: the learner's defaults.
+  assert cs.learner_config(load("cpu_tiny")).precision is learner_lib.Precision.FLOAT32
+  assert learner.optim == learner_lib.OptimConfig()  # The paper's AdamW: the learner's defaults.
   # Schedules count training steps in the config and optimizer updates in the learner.
   c.optim.schedule, c.optim.warmup_steps, c.optim.min_lr_ratio = "cosine", 5, 0.1
   o = cs.optim_config(c)
   assert (o.warmup_steps, o.total_steps) == (5 * 4, 80 * 4)
-  lr = train.make_schedule(o)
+  lr = learner_lib.make_schedule(o)
   assert float(lr(20)) == pytest.approx(1e-6) and float(lr(320)) == pytest.approx(1e-7)
   c.optim.decay_steps = 10
   assert cs.optim_config(c).total_steps == (5 + 10) * 4

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import hf_reference as R
-from mgpo_jax import checkpoint
+from mgpo_jax.io import checkpoint as ckpt_io
+from mgpo_jax.models.qwen2_5_vl import checkpoint
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
 from mgpo_jax.models.qwen2_5_vl import safetensors_io as sio
 
@@ -100,7 +101,7 @@ def test_round_trip_is_bit_exact(refs, tmp_path, name, shard):
 @pytest.fixture(scope="module")
 def src_with_assets(ref_untied, tmp_path_factory):
   """The untied reference plus a tokenizer, a chat template, an image-processor config, generation config."""
-  from mgpo_jax import tokenizer as tok_lib
+  from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
   d = tmp_path_factory.mktemp("src_assets") / "hf"
   shutil.copytree(ref_untied[0], d)
   tok_lib.build_tokenizer(d, vocab_size=300)
@@ -334,7 +335,7 @@ def test_failure_midway_through_writing_leaves_nothing(refs, tmp_path, capsys, m
   ckpt = tmp_path / "ckpt"
   assert convert("--direction=hf_to_jax", f"--src={refs['f32-untied']}", f"--dst={ckpt}", "--no_progress") == 0
   out = str(tmp_path / "out")
-  real_read, written = checkpoint.read_param, []
+  real_read, written = ckpt_io.read_param, []
 
   def flaky_read(pdir, path, dtype=None):
     if path == ("visual", "qkv"):  # by now several shards are on disk in the temporary sibling
@@ -342,7 +343,7 @@ def test_failure_midway_through_writing_leaves_nothing(refs, tmp_path, capsys, m
       raise OSError("disk on fire")
     return real_read(pdir, path, dtype)
 
-  monkeypatch.setattr(checkpoint, "read_param", flaky_read)
+  monkeypatch.setattr(ckpt_io, "read_param", flaky_read)
   msg = run_failing(capsys, "--direction=jax_to_hf", f"--src={ckpt}", f"--dst={out}", "--max_shard_size=20KB")
   assert "disk on fire" in msg
   assert len(written) > 1

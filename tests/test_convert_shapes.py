@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from mgpo_jax import checkpoint
+from mgpo_jax.io import checkpoint as ckpt_io
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -79,5 +79,5 @@ def test_shapes_match_transformers_on_meta_device(name):
                            jax.ShapeDtypeStruct(ref[key], jax.numpy.bfloat16))
       assert tuple(got.shape) == layer_shape, key
     covered.add(rule.ours)
-  flat = checkpoint._flatten(abstract)
+  flat = ckpt_io.flatten(abstract)
   assert covered == set(flat)

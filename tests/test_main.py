@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from mgpo_jax import metrics as metrics_lib
+from mgpo_jax.io import events as events_lib
+from mgpo_jax.io import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -71,7 +72,7 @@ def test_quick_start_writes_metrics_checkpoints_and_rollout_pages(uninterrupted)
   html = open(os.path.join(uninterrupted, "rollouts", "step_000004.html"), encoding="utf-8").read()
   assert "<img" in html
   tb = os.path.join(uninterrupted, "tensorboard")
-  events = [e for f in sorted(os.listdir(tb)) for e in metrics_lib.read_events(os.path.join(tb, f))]
+  events = [e for f in sorted(os.listdir(tb)) for e in events_lib.read_events(os.path.join(tb, f))]
   assert {e.step for e in events if "train/loss" in e.scalars} == set(range(1, STEPS + 1))
   assert {e.step for e in events if e.images} == {4, 8}  # the rollout pictures
 

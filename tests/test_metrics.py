@@ -1,4 +1,4 @@
-"""Tests for mgpo_jax.metrics: metrics.jsonl (incl. resume), TensorBoard event files, progress bar."""
+"""Tests for mgpo_jax.io.metrics and io.events: metrics.jsonl (incl. resume), TensorBoard event files, progress bar."""
 
 import io
 import json
@@ -11,7 +11,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mgpo_jax import metrics
+from mgpo_jax.io import events as events_lib
+from mgpo_jax.io import metrics
+from mgpo_jax.io import paths
 
 
 def _lines(workdir):
@@ -31,33 +33,33 @@ def _event_files(workdir):
 
 def test_crc32c_check_value():
   # The CRC-32C check value (RFC 3720, B.4) and the all-zero 32-byte vector of the same appendix.
-  assert metrics.crc32c(b"123456789") == 0xE3069283
-  assert metrics.crc32c(bytes(32)) == 0x8A9136AA
+  assert events_lib.crc32c(b"123456789") == 0xE3069283
+  assert events_lib.crc32c(bytes(32)) == 0x8A9136AA
 
 
 def test_record_framing_by_hand():
   data = b"hello"
-  rec = metrics.tfrecord(data)
+  rec = events_lib.tfrecord(data)
   assert len(rec) == 8 + 4 + len(data) + 4
   assert struct.unpack("<Q", rec[:8])[0] == len(data)
-  crc = metrics.crc32c(data)
+  crc = events_lib.crc32c(data)
   masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF  # TensorFlow's mask.
   assert struct.unpack("<I", rec[-4:])[0] == masked
   assert rec[12:-4] == data
-  assert list(metrics.read_records(rec + metrics.tfrecord(b""))) == [data, b""]
+  assert list(events_lib.read_records(rec + events_lib.tfrecord(b""))) == [data, b""]
 
 
 def test_read_records_rejects_corruption_and_ignores_a_torn_tail():
-  recs = metrics.tfrecord(b"first") + metrics.tfrecord(b"second")
-  assert list(metrics.read_records(recs + metrics.tfrecord(b"third")[:10])) == [b"first", b"second"]
+  recs = events_lib.tfrecord(b"first") + events_lib.tfrecord(b"second")
+  assert list(events_lib.read_records(recs + events_lib.tfrecord(b"third")[:10])) == [b"first", b"second"]
   bad = bytearray(recs)
   bad[14] ^= 0xFF  # A byte of "first".
   with pytest.raises(ValueError, match="corrupt record data at byte 0"):
-    list(metrics.read_records(bytes(bad)))
+    list(events_lib.read_records(bytes(bad)))
   bad = bytearray(recs)
   bad[0] ^= 0x01  # The length of the first record.
   with pytest.raises(ValueError, match="corrupt record length"):
-    list(metrics.read_records(bytes(bad)))
+    list(events_lib.read_records(bytes(bad)))
 
 
 def _event_class():
@@ -107,7 +109,7 @@ def test_event_file_parses_with_the_protobuf_library(tmp_path):
   """The hand-written encoding, read by an independent decoder (google.protobuf)."""
   image = np.zeros((5, 7, 3), np.uint8)
   image[1, 2] = (255, 10, 20)
-  w = metrics.EventFileWriter(tmp_path)
+  w = events_lib.EventFileWriter(tmp_path)
   w.session_start(11)
   w.scalars(12, {"loss": 0.25, "rollout/reward": -3.5})
   w.images(300, {"rollouts/00": image})
@@ -116,7 +118,7 @@ def test_event_file_parses_with_the_protobuf_library(tmp_path):
   Event = _event_class()
   events = []
   with open(w.path, "rb") as f:
-    for rec in metrics.read_records(f.read()):
+    for rec in events_lib.read_records(f.read()):
       ev = Event()
       ev.ParseFromString(rec)
       events.append(ev)
@@ -138,11 +140,11 @@ def test_event_file_parses_with_the_protobuf_library(tmp_path):
 
 
 def test_read_events_round_trip(tmp_path):
-  w = metrics.EventFileWriter(tmp_path)
+  w = events_lib.EventFileWriter(tmp_path)
   w.scalars(-1, {"a": 1.0 / 3.0})
   w.images(2, {"gray": np.full((3, 4), 0.5, np.float32), "pil": Image.new("RGBA", (6, 2), "red")})
   w.close()
-  events = metrics.read_events(tmp_path)
+  events = events_lib.read_events(tmp_path)
   assert [e.step for e in events] == [0, -1, 2]
   assert events[1].scalars["a"] == pytest.approx(1 / 3, rel=1e-7)
   h, wd, png = events[2].images["gray"]
@@ -151,7 +153,7 @@ def test_read_events_round_trip(tmp_path):
 
 
 def test_bad_images_are_rejected(tmp_path):
-  w = metrics.EventFileWriter(tmp_path)
+  w = events_lib.EventFileWriter(tmp_path)
   with pytest.raises(ValueError, match="image 'x'"):
     w.images(0, {"x": np.zeros((2, 3, 5), np.uint8)})
   with pytest.raises(ValueError, match="uint8 or float"):
@@ -173,7 +175,7 @@ def test_writes_one_json_object_per_step(tmp_path):
       {"step": 2, "loss": 1.5},
   ]
   assert metrics.read_metrics(tmp_path) == _lines(tmp_path)
-  events = metrics.read_events(os.path.join(tmp_path, metrics.TENSORBOARD_DIR))
+  events = events_lib.read_events(os.path.join(tmp_path, metrics.TENSORBOARD_DIR))
   scalars = {e.step: e.scalars for e in events if e.scalars}
   assert scalars[1]["rollout/reward"] == 0.25 and np.isnan(scalars[1]["bad"])
   assert scalars[2] == {"loss": 1.5}
@@ -209,7 +211,7 @@ def test_resume_truncates_steps_after_the_checkpoint(tmp_path):
   assert [(e["step"], e["loss"]) for e in _lines(tmp_path)] == [
       (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
   # The second event file tells TensorBoard to drop the first run's points from step 4 on.
-  second = metrics.read_events(_event_files(tmp_path)[-1])
+  second = events_lib.read_events(_event_files(tmp_path)[-1])
   assert second[1].session_start and second[1].step == 4
   # A fresh start (no checkpoint) drops everything.
   with metrics.MetricsWriter(tmp_path, is_primary=True, start_step=0) as w:
@@ -245,7 +247,7 @@ def test_progress_bar_shows_the_key_numbers(tmp_path):
 
 def test_remote_paths_rewrite_whole_objects(tmp_path, monkeypatch):
   """gs:// cannot append: the writer keeps the content and rewrites the object (here on disk)."""
-  monkeypatch.setattr(metrics, "_is_remote", lambda path: True)
+  monkeypatch.setattr(paths, "is_remote", lambda path: True)
   with metrics.MetricsWriter(str(tmp_path), is_primary=True) as w:
     for step in (1, 2, 3):
       w.write_scalars(step, {"x": step})
@@ -253,5 +255,5 @@ def test_remote_paths_rewrite_whole_objects(tmp_path, monkeypatch):
     w.write_scalars(3, {"x": 30})
     w.write_images(3, {"i": np.zeros((2, 2), np.uint8)})
   assert [(e["step"], e["x"]) for e in _lines(tmp_path)] == [(1, 1), (2, 2), (3, 30)]
-  last = metrics.read_events(_event_files(tmp_path)[-1])
+  last = events_lib.read_events(_event_files(tmp_path)[-1])
   assert [e.step for e in last] == [0, 3, 3, 3] and last[2].scalars == {"x": 30.0}

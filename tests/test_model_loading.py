@@ -143,7 +143,7 @@ def test_built_directly_sharded_on_a_mesh(ref_untied):
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
-    from mgpo_jax import sharding as shd
+    from mgpo_jax.parallel import sharding as shd
     from mgpo_jax.models import qwen2_5_vl
     assert jax.device_count() == 8
     ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from mgpo_jax import metrics as metrics_lib
+from mgpo_jax.io import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",

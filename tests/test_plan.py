@@ -1,4 +1,4 @@
-"""tools/plan.py: parameter counts against transformers (meta device), per-device bytes consistent with the
+"""mgpo_jax/plan/memory.py (the logic of tools/plan.py): parameter counts against transformers (meta device), per-device bytes consistent with the
 mesh, the documented fitting layouts fit, an impossible one does not, and AOT argument bytes == the plan's."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from tools import plan as plan_lib
+from mgpo_jax.plan import memory as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_V5 = os.path.join(ROOT, "configs", "tpu_v5.py")

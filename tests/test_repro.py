@@ -10,7 +10,8 @@ import os
 import pytest
 
 from configs import repro_synthetic
-from mgpo_jax import repro, repro_probe
+from mgpo_jax.repro import __main__ as repro
+from mgpo_jax.repro import probe as repro_probe
 
 
 def _reduced_config():
@@ -89,22 +90,22 @@ def test_results_table_and_plot(run):
 
 def test_probe_rows_carry_the_label_cell_and_mask_the_answer(run):
   from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.programs import experiment  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from mgpo_jax.rollout import crop as crop_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.repro import warmup  # pylint: disable=g-import-not-at-top
 
   workdir, _ = run
   c = _reduced_config()
   tok = tok_lib.load_tokenizer(os.path.join(workdir, "seed3", "sft", "hf"))
   rcfg = schema_lib.rollout_config(c)
-  samples = repro._decoded(synthetic.iter_split(6, 5, schema_lib.synthetic_config(c.data)), c.data.max_image_pixels)
+  samples = warmup.decoded(synthetic.iter_split(6, 5, schema_lib.synthetic_config(c.data)), c.data.max_image_pixels)
   rows = repro_probe.labelled_rows(samples, tok, experiment.build_model_config(c, tok), rcfg, 3, train_answer=False)
   for sample, tr in zip(samples, rows):
-    in_size = sft.input_size(sample["image"].size, rcfg.image)
+    in_size = warmup.input_size(sample["image"].size, rcfg.image)
     cover = [crop_lib.target_coverage(b, in_size, sample["image"].size, sample["target_box"])
-             for b in sft.grid_boxes(*in_size, 3)]
+             for b in warmup.grid_boxes(*in_size, 3)]
     assert tr.box_valid == [True]
     assert crop_lib.target_coverage(tr.boxes[0], in_size, sample["image"].size, sample["target_box"]) == max(cover)
     (s1, e1), (s2, e2) = tr.turn_spans

@@ -15,7 +15,8 @@ from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, preproce
 from mgpo_jax.rollout import crop, engine, prompts
 from mgpo_jax.rollout.trajectory import to_train_batch
 from mgpo_jax.sampling import StopReason
-from mgpo_jax.tokenizer import build_tokenizer, render_chat, special_token_ids
+from mgpo_jax.models.qwen2_5_vl.chat import render_chat, special_token_ids
+from mgpo_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
 
 # Few buckets: both tests share one compiled turn-1 program.
 SAMPLER_CFG = sampling.SamplerConfig(prompt_buckets=(512,), new_token_buckets=(64,), patch_buckets=(64,),

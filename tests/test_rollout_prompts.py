@@ -15,7 +15,7 @@ from mgpo_jax.rollout.prompts import (
     single_turn_messages,
     turn1_messages,
 )
-from mgpo_jax.tokenizer import QWEN2_5_VL_CHAT_TEMPLATE
+from mgpo_jax.models.qwen2_5_vl.chat import QWEN2_5_VL_CHAT_TEMPLATE
 
 CFG = PromptConfig()
 Q = "What colour is the small car on the left?"

@@ -6,7 +6,7 @@ import pytest
 from mgpo_jax.rollout import parse
 from mgpo_jax.sampling import StopStrings, StopTokens, as_stop_rule, compile_rule, first_stop, token_bytes
 from mgpo_jax.sampling.stops import StopCompiler
-from mgpo_jax.tokenizer import build_tokenizer
+from mgpo_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

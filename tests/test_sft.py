@@ -14,8 +14,10 @@ from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, VisionConfig
 from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig
 from mgpo_jax.rollout import crop, engine, prompts
 from mgpo_jax.rollout.trajectory import to_train_batch
-from mgpo_jax.tokenizer import build_tokenizer, special_token_ids
-from mgpo_jax.train import sft
+from mgpo_jax.models.qwen2_5_vl.chat import special_token_ids
+from mgpo_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
+from mgpo_jax.learner import sft
+from mgpo_jax.repro import warmup
 
 IMAGE_CFG = ImageProcessorConfig(min_pixels=112 * 112, max_pixels=118 * 118)  # every image -> 112 x 112
 GEN_CFG = synthetic.SyntheticConfig(image_size=(448, 512), target_size=(12, 16), categories=("pattern",),
@@ -42,7 +44,7 @@ def env(tmp_path_factory):
 
 
 def test_grid_boxes_tile_the_input():
-  boxes = sft.grid_boxes(224, 196, 3)
+  boxes = warmup.grid_boxes(224, 196, 3)
   assert len(boxes) == 9 and boxes[0] == (0, 0, 75, 65) and boxes[-1] == (149, 131, 224, 196)
   area = sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in boxes)
   assert area == 224 * 196
@@ -63,21 +65,21 @@ def _turn_text(tok, tr, k):
 
 def test_format_rows_random_boxes_do_not_depend_on_the_image(env):
   tok, _, cfg, samples, rollout_cfg = env
-  data = sft.WarmupData(box_grid=2)
-  kinds = [sft.RowKind.FORMAT] * 6
-  a = sft.build_rows(samples[:6], kinds, tok, cfg, rollout_cfg, data, np.random.default_rng(7))
-  b = sft.build_rows(samples[6:12], kinds, tok, cfg, rollout_cfg, data, np.random.default_rng(7))
+  data = warmup.WarmupData(box_grid=2)
+  kinds = [warmup.RowKind.FORMAT] * 6
+  a = warmup.build_rows(samples[:6], kinds, tok, cfg, rollout_cfg, data, np.random.default_rng(7))
+  b = warmup.build_rows(samples[6:12], kinds, tok, cfg, rollout_cfg, data, np.random.default_rng(7))
   # Other images (other targets), same random stream: the same boxes.
   assert [t.boxes[0] for t in a] == [t.boxes[0] for t in b]
-  grid = sft.grid_boxes(112, 112, 2)
+  grid = warmup.grid_boxes(112, 112, 2)
   for tr, s in zip(a, samples[:6]):
     assert tr.box_valid == [True] and tuple(tr.boxes[0]) in grid
     assert tr.turn_mask[slice(*tr.turn_spans[0])].all()  # the box is trained
-    assert tr.texts[0] == sft.box_text(tr.boxes[0], data.label)
+    assert tr.texts[0] == warmup.box_text(tr.boxes[0], data.label)
     shows = crop.target_coverage(tr.boxes[0], (112, 112), s["image"].size, s["target_box"]) >= 0.5
     answer_mask = tr.turn_mask[slice(*tr.turn_spans[1])]
     assert answer_mask.all() if shows else not answer_mask.any()  # answer trained iff the crop shows it
-    assert tr.texts[1] == sft.answer_text(s["answer"])
+    assert tr.texts[1] == warmup.answer_text(s["answer"])
     # The turn-2 image is the crop of the ORIGINAL at that box.
     expected = crop.crop_original(s["image"], tr.boxes[0], (112, 112))
     assert tr.images[1].size == expected.size
@@ -90,7 +92,7 @@ def test_close_up_boxes_hold_the_whole_target():
   for target in ([500, 500, 560, 560], [5, 5, 60, 60], [930, 940, 990, 995]):
     sides = set()
     for _ in range(50):
-      x1, y1, x2, y2 = sft._close_up_box(target, (1000, 1000), (224, 224), cell, 3.0, rng)  # pylint: disable=protected-access
+      x1, y1, x2, y2 = warmup._close_up_box(target, (1000, 1000), (224, 224), cell, 3.0, rng)  # pylint: disable=protected-access
       assert 0 <= x1 < x2 <= 224 and 0 <= y1 < y2 <= 224 and x2 - x1 == y2 - y1 > 28
       assert crop.target_coverage((x1, y1, x2, y2), (224, 224), (1000, 1000), target) == 1.0
       sides.add(x2 - x1)
@@ -99,41 +101,41 @@ def test_close_up_boxes_hold_the_whole_target():
 
 def test_close_up_rows_train_only_the_answer(env):
   tok, _, cfg, samples, rollout_cfg = env
-  rows = sft.build_rows(samples, [sft.RowKind.CLOSE_UP] * len(samples), tok, cfg, rollout_cfg,
-                        sft.WarmupData(box_grid=2), np.random.default_rng(0))
+  rows = warmup.build_rows(samples, [warmup.RowKind.CLOSE_UP] * len(samples), tok, cfg, rollout_cfg,
+                        warmup.WarmupData(box_grid=2), np.random.default_rng(0))
   for tr, s in zip(rows, samples):
     assert not tr.turn_mask[slice(*tr.turn_spans[0])].any()
     assert tr.turn_mask[slice(*tr.turn_spans[1])].all()
     assert crop.target_coverage(tr.boxes[0], (112, 112), s["image"].size, s["target_box"]) == 1.0
-    assert _turn_text(tok, tr, 1) == sft.answer_text(s["answer"])
+    assert _turn_text(tok, tr, 1) == warmup.answer_text(s["answer"])
 
 
 def test_single_turn_rows_and_mixed_batch(env):
   tok, sp, cfg, samples, rollout_cfg = env
-  kinds = [sft.RowKind.SINGLE_TURN, sft.RowKind.FORMAT, sft.RowKind.CLOSE_UP, sft.RowKind.SINGLE_TURN]
-  rows = sft.build_rows(samples[:4], kinds, tok, cfg, rollout_cfg, sft.WarmupData(box_grid=2),
+  kinds = [warmup.RowKind.SINGLE_TURN, warmup.RowKind.FORMAT, warmup.RowKind.CLOSE_UP, warmup.RowKind.SINGLE_TURN]
+  rows = warmup.build_rows(samples[:4], kinds, tok, cfg, rollout_cfg, warmup.WarmupData(box_grid=2),
                         np.random.default_rng(1))
   for tr, kind, s in zip(rows, kinds, samples):
-    assert tr.num_turns == (1 if kind == sft.RowKind.SINGLE_TURN else 2)
-    assert tr.texts[-1] == sft.answer_text(s["answer"])
+    assert tr.num_turns == (1 if kind == warmup.RowKind.SINGLE_TURN else 2)
+    assert tr.texts[-1] == warmup.answer_text(s["answer"])
   # Rows keep the order of `samples`; the chat template's single-turn system prompt is used.
   assert prompts.prompt_style("short").single_turn_system_prompt in tok.decode(rows[0].token_ids.tolist())
   with pytest.raises(ValueError, match="mix"):
-    sft.draw_kinds(3, sft.WarmupData(mix=(0.0, 0.0, 0.0)), np.random.default_rng(0))
+    warmup.draw_kinds(3, warmup.WarmupData(mix=(0.0, 0.0, 0.0)), np.random.default_rng(0))
   no_target = dict(samples[0])
   del no_target[schema.TARGET_BOX]
   with pytest.raises(ValueError, match="target_box"):
-    sft.build_rows([no_target], [sft.RowKind.CLOSE_UP], tok, cfg, rollout_cfg, sft.WarmupData(),
+    warmup.build_rows([no_target], [warmup.RowKind.CLOSE_UP], tok, cfg, rollout_cfg, warmup.WarmupData(),
                    np.random.default_rng(0))
 
 
 def test_single_turn_rows_on_a_close_up(env):
   tok, _, cfg, samples, rollout_cfg = env
-  data = sft.WarmupData(box_grid=2, single_turn_view="close_up")
-  rows = sft.build_rows(samples[:6], [sft.RowKind.SINGLE_TURN] * 6, tok, cfg, rollout_cfg, data,
+  data = warmup.WarmupData(box_grid=2, single_turn_view="close_up")
+  rows = warmup.build_rows(samples[:6], [warmup.RowKind.SINGLE_TURN] * 6, tok, cfg, rollout_cfg, data,
                         np.random.default_rng(3))
   for tr, s in zip(rows, samples):
-    assert tr.num_turns == 1 and tr.texts[-1] == sft.answer_text(s["answer"])
+    assert tr.num_turns == 1 and tr.texts[-1] == warmup.answer_text(s["answer"])
     assert tr.turn_mask[slice(*tr.turn_spans[0])].all()
     view = tr.images[0]  # a region of the original, at full resolution, that holds the whole target
     assert view.size[0] < s["image"].size[0] // 2
@@ -143,13 +145,13 @@ def test_single_turn_rows_on_a_close_up(env):
              if np.array_equal(np.asarray(view)[y:y + y2 - y1, x:x + x2 - x1], px[y1:y2, x1:x2])]
     assert found
   with pytest.raises(ValueError, match="single_turn_view"):
-    sft.WarmupData(single_turn_view="crop")
+    warmup.WarmupData(single_turn_view="crop")
 
 
 def test_sft_update_lowers_the_loss(env):
   tok, sp, cfg, samples, rollout_cfg = env
-  kinds = sft.draw_kinds(4, sft.WarmupData(), np.random.default_rng(2))
-  rows = sft.build_rows(samples[:4], kinds, tok, cfg, rollout_cfg, sft.WarmupData(box_grid=2),
+  kinds = warmup.draw_kinds(4, warmup.WarmupData(), np.random.default_rng(2))
+  rows = warmup.build_rows(samples[:4], kinds, tok, cfg, rollout_cfg, warmup.WarmupData(box_grid=2),
                         np.random.default_rng(2))
   batch = to_train_batch(rows, list(range(4)), seq_bucket=384, patch_bucket=128, max_images=2, pad_id=sp.pad,
                          vision_cfg=cfg.vision, max_turns=2, image_token_id=cfg.image_token_id)

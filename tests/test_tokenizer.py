@@ -1,4 +1,4 @@
-"""Tests for mgpo_jax.tokenizer: the offline Qwen2.5-VL-style tokenizer and chat rendering."""
+"""Tests for mgpo_jax.models.qwen2_5_vl.tokenizer and .chat: the offline Qwen2.5-VL-style tokenizer and chat rendering."""
 
 import dataclasses
 import json
@@ -11,24 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mgpo_jax import tokenizer as tok_lib
+from mgpo_jax.models.qwen2_5_vl import chat
+from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
+from mgpo_jax.models.qwen2_5_vl.chat import SPECIAL_TOKENS
+from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+SPECIALS = list(SPECIAL_TOKENS)
 P = "<|image_pad|>"
 
 
@@ -60,14 +48,21 @@ def test_vocab_layout_and_special_order(tok):
         assert len(tok.encode(f"a{s}b", add_special_tokens=False)) == 3
     assert tok.eos_token == "<|im_end|>"
     assert tok.pad_token == "<|endoftext|>"
+    # The order is Qwen's: the released ids (151643 = <|endoftext|>) of the tokens the model config names.
+    qwen = Qwen25VLConfig()
+    first = qwen.bos_token_id
+    for token, qwen_id in (("<|im_end|>", qwen.eos_token_id), ("<|vision_start|>", qwen.vision_start_token_id),
+                           ("<|vision_end|>", qwen.vision_end_token_id), ("<|image_pad|>", qwen.image_token_id),
+                           ("<|video_pad|>", qwen.video_token_id)):
+        assert SPECIALS.index(token) == qwen_id - first
     assert tok.bos_token is None
     assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)
 
 
 def test_special_token_ids(tok):
-    ids = tok_lib.special_token_ids(tok)
+    ids = chat.special_token_ids(tok)
     c = tok.convert_tokens_to_ids
-    assert ids == tok_lib.SpecialTokens(
+    assert ids == chat.SpecialTokens(
         im_start=c("<|im_start|>"),
         im_end=c("<|im_end|>"),
         endoftext=c("<|endoftext|>"),
@@ -100,12 +95,12 @@ def _tiny_tokenizer(specials, pad):
 def test_special_token_ids_missing_token_named():
     specials = [s for s in SPECIALS if s != "<|vision_end|>"]
     with pytest.raises(ValueError, match=r"<\|vision_end\|>"):
-        tok_lib.special_token_ids(_tiny_tokenizer(specials, pad="<|endoftext|>"))
+        chat.special_token_ids(_tiny_tokenizer(specials, pad="<|endoftext|>"))
 
 
 def test_special_token_ids_missing_pad():
     with pytest.raises(ValueError, match="pad"):
-        tok_lib.special_token_ids(_tiny_tokenizer(SPECIALS, pad=None))
+        chat.special_token_ids(_tiny_tokenizer(SPECIALS, pad=None))
 
 
 _PIECES = st.sampled_from(
@@ -181,10 +176,10 @@ def test_chat_template_default_system_and_vision_ids(tok):
 
 
 def test_expand_image_pads():
-    assert tok_lib.expand_image_pads(f"a{P}b{P}c", [2, 3]) == f"a{P}{P}b{P}{P}{P}c"
-    assert tok_lib.expand_image_pads(f"{P}{P}", [1, 2]) == P * 3
-    assert tok_lib.expand_image_pads("no images", []) == "no images"
-    assert tok_lib.expand_image_pads("x<V>y", [4], image_pad="<V>") == "x<V><V><V><V>y"
+    assert chat.expand_image_pads(f"a{P}b{P}c", [2, 3]) == f"a{P}{P}b{P}{P}{P}c"
+    assert chat.expand_image_pads(f"{P}{P}", [1, 2]) == P * 3
+    assert chat.expand_image_pads("no images", []) == "no images"
+    assert chat.expand_image_pads("x<V>y", [4], image_pad="<V>") == "x<V><V><V><V>y"
 
 
 @given(st.lists(st.text(alphabet="ab<|>_\n", max_size=6), min_size=1, max_size=6), st.data())
@@ -192,7 +187,7 @@ def test_expand_image_pads_counts(pieces, data):
     text = P.join(pieces)
     n_images = text.count(P)
     counts = data.draw(st.lists(st.integers(1, 50), min_size=n_images, max_size=n_images))
-    out = tok_lib.expand_image_pads(text, counts)
+    out = chat.expand_image_pads(text, counts)
     assert out.count(P) == sum(counts)
     assert out.replace(P, "") == text.replace(P, "")
 
@@ -209,17 +204,17 @@ def test_expand_image_pads_counts(pieces, data):
 )
 def test_expand_image_pads_errors(text, counts, match):
     with pytest.raises(ValueError, match=match):
-        tok_lib.expand_image_pads(text, counts)
+        chat.expand_image_pads(text, counts)
 
 
 def test_render_chat(tok):
-    ids_cfg = tok_lib.special_token_ids(tok)
+    ids_cfg = chat.special_token_ids(tok)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]},
         {"role": "assistant", "content": "There."},
         {"role": "user", "content": [{"type": "image"}, {"type": "video"}]},
     ]
-    ids = tok_lib.render_chat(
+    ids = chat.render_chat(
         tok, messages, add_generation_prompt=True, num_tokens_per_image=[4, 6], num_tokens_per_video=[3]
     )
     assert ids.count(ids_cfg.image_pad) == 10
@@ -240,19 +235,19 @@ def test_render_chat(tok):
 
 
 def test_render_chat_large_and_text_only(tok):
-    ids_cfg = tok_lib.special_token_ids(tok)
+    ids_cfg = chat.special_token_ids(tok)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]
-    ids = tok_lib.render_chat(tok, messages, add_generation_prompt=False, num_tokens_per_image=[20000, 12345])
+    ids = chat.render_chat(tok, messages, add_generation_prompt=False, num_tokens_per_image=[20000, 12345])
     assert ids.count(ids_cfg.image_pad) == 32345
     text_only = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    ids = tok_lib.render_chat(tok, text_only, add_generation_prompt=False, num_tokens_per_image=[])
+    ids = chat.render_chat(tok, text_only, add_generation_prompt=False, num_tokens_per_image=[])
     assert tok.decode(ids) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
 
 
 def test_render_chat_count_mismatch(tok):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
     with pytest.raises(ValueError, match="placeholders"):
-        tok_lib.render_chat(tok, messages, add_generation_prompt=True, num_tokens_per_image=[])
+        chat.render_chat(tok, messages, add_generation_prompt=True, num_tokens_per_image=[])
 
 
 def test_reload_paths_agree(tok_dir, tok):
@@ -261,7 +256,7 @@ def test_reload_paths_agree(tok_dir, tok):
     sample = "Question: (A) red (B) blue\n\\boxed{A} <|im_end|> 中文"
     for t in (loaded, auto):
         assert t.encode(sample, add_special_tokens=False) == tok.encode(sample, add_special_tokens=False)
-        assert t.chat_template == tok_lib.QWEN2_5_VL_CHAT_TEMPLATE
+        assert t.chat_template == chat.QWEN2_5_VL_CHAT_TEMPLATE
         assert (t.eos_token_id, t.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
 
 

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgpo_jax import sharding as shd
+from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import init_model, rope_index
 from mgpo_jax.rl import ADVANTAGE_FNS, grpo_advantages
 from mgpo_jax.rl.batch import TrainBatch
-from mgpo_jax.train import Learner, LearnerConfig, OptimConfig
+from mgpo_jax.learner import Learner, LearnerConfig, OptimConfig
 from test_train_step import tiny_config
 
 CFG = tiny_config(vocab=32)       # chance of the target token at initialisation ~ 1/32

@@ -17,9 +17,10 @@ _WORKER = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from mgpo_jax import sharding as shd
+    from mgpo_jax.parallel import sharding as shd
     from mgpo_jax.models.qwen2_5_vl import init_model
-    from mgpo_jax.train import Learner, LearnerConfig, OptimConfig, random_train_batch
+    from mgpo_jax.learner import Learner, LearnerConfig, OptimConfig
+    from mgpo_jax.testing import random_train_batch
     from test_train_step import tiny_config
 
     out_dir = sys.argv[1]

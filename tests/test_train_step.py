@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mgpo_jax import sharding as shd
+from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, init_model, prepare_vision_inputs
 from mgpo_jax.rl import PolicyLossConfig
 from mgpo_jax.rl.batch import TrainBatch
-from mgpo_jax.train import (Learner, LearnerConfig, OldLogpSource, OptimConfig, Precision,
-                            random_train_batch, rollout_advantages, token_loss_mask)
+from mgpo_jax.learner import (Learner, LearnerConfig, OldLogpSource, OptimConfig, Precision,
+                            rollout_advantages, token_loss_mask)
+from mgpo_jax.testing import random_train_batch
 
 
 def tiny_config(vocab: int = 300) -> Qwen25VLConfig:

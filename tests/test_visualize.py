@@ -1,4 +1,4 @@
-"""Tests for mgpo_jax.visualize: box drawing, the rollout pages and their TensorBoard copies."""
+"""Tests for mgpo_jax.rollout.visualize: box drawing, the rollout pages and their TensorBoard copies."""
 
 import os
 import re
@@ -7,8 +7,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mgpo_jax import metrics
-from mgpo_jax import visualize as vis
+from mgpo_jax.io import events as events_lib
+from mgpo_jax.io import metrics
+from mgpo_jax.rollout import visualize as vis
 
 GREEN, RED = np.array(vis.VALID_COLOR), np.array(vis.INVALID_COLOR)
 
@@ -104,7 +105,7 @@ def test_log_rollouts_writes_tensorboard_and_html(tmp_path):
   with metrics.MetricsWriter(tmp_path, is_primary=True) as w:
     vis.log_rollouts(w, 5, records)
   assert os.path.isfile(os.path.join(tmp_path, "rollouts", "step_000005.html"))
-  events = metrics.read_events(os.path.join(tmp_path, metrics.TENSORBOARD_DIR))
+  events = events_lib.read_events(os.path.join(tmp_path, metrics.TENSORBOARD_DIR))
   images = {k: v for e in events if e.step == 5 for k, v in e.images.items()}
   texts = {k: v for e in events if e.step == 5 for k, v in e.texts.items()}
   assert sorted(images) == ["rollouts/00", "rollouts/01"] == sorted(texts)

@@ -20,8 +20,8 @@ Flags (a public contract):
   --overwrite       Replace a non-empty --dst.
   --no_progress     No progress bars.
 
-Outputs. hf_to_jax: CKPT_DIR/{hf_config.json, hf_assets/, 0/params/} (see mgpo_jax/checkpoint.py), which
-the trainer and `checkpoint.restore_params` read directly. jax_to_hf: config.json, model-0000k-of-0000n
+Outputs. hf_to_jax: CKPT_DIR/{hf_config.json, hf_assets/, 0/params/} (see mgpo_jax/io/checkpoint.py), which
+the trainer and `mgpo_jax.models.qwen2_5_vl.checkpoint.restore_params` read directly. jax_to_hf: config.json, model-0000k-of-0000n
 .safetensors in the released flat key layout, model.safetensors.index.json, and the tokenizer /
 processor / chat-template / generation-config files the source came with, so that
 `Qwen2_5_VLForConditionalGeneration.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)`
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step at INFO
-  from mgpo_jax import checkpoint
+  from mgpo_jax.models.qwen2_5_vl import checkpoint
 
   progress = not args.no_progress
   if args.direction == "hf_to_jax":

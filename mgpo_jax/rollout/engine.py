@@ -44,7 +44,7 @@ from mgpo_jax.rollout import prompts as prompts_lib
 from mgpo_jax.rollout import reward as reward_lib
 from mgpo_jax.rollout.trajectory import Trajectory
 from mgpo_jax.sampling import SampleOutput, Sampler, StopReason
-from mgpo_jax.tokenizer import IMAGE_PAD, expand_image_pads, special_token_ids
+from mgpo_jax.models.qwen2_5_vl.chat import IMAGE_PAD, expand_image_pads, special_token_ids
 
 # Stands for the model's text when rendering a follow-up turn; everything after it is the new chunk.
 _SENTINEL = "<<mgpo:assistant-turn>>"

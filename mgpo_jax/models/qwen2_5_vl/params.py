@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mgpo_jax import sharding as shd
+from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import safetensors_io
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL

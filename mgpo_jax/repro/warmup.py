@@ -1,4 +1,4 @@
-"""Supervised warm-up (SFT) before RL: the conversation format, with RANDOM boxes, and close-up perception.
+"""The repro's warm-up rows (SFT before RL): the conversation format, with RANDOM boxes, and close-up perception.
 
 A pretrained Qwen2.5-VL already writes grounding JSON and reads small details once they are large; a
 model trained from scratch does neither. The warm-up teaches both, and nothing about WHERE to look:
@@ -17,34 +17,30 @@ box does not depend on the image: choosing the region that holds the target must
 reward alone (the paper's claim; `box_image_dependence` measures it).
 
 Conversations are built by the rollout engine itself with a `ScriptedSampler` that "samples" given
-texts, so the tokens, images and turn masks are exactly those of real rollouts.
+texts, so the tokens, images and turn masks are exactly those of real rollouts. The update that trains
+on them is `mgpo_jax.learner.sft`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
+from mgpo_jax.data import pipeline
 from mgpo_jax.data import schema
-from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL
+from mgpo_jax.models.qwen2_5_vl.chat import special_token_ids
 from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, smart_resize
-from mgpo_jax.rl.batch import TrainBatch
 from mgpo_jax.rollout import crop as crop_lib
 from mgpo_jax.rollout import engine as engine_lib
 from mgpo_jax.rollout import parse as parse_lib
 from mgpo_jax.rollout import trajectory as traj_lib
 from mgpo_jax.sampling import SampleOutput, StopReason
-from mgpo_jax.train.step import sequence_logprobs, token_loss_mask
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +196,6 @@ def build_rows(samples: Sequence[Mapping[str, Any]], kinds: Sequence[RowKind], t
                ) -> list[traj_lib.Trajectory]:
   """One warm-up conversation per (decoded sample, kind), as trajectories whose `turn_mask` is the
   SFT loss mask."""
-  from mgpo_jax.tokenizer import special_token_ids  # pylint: disable=g-import-not-at-top
-
   special = special_token_ids(tokenizer)
   out: list[traj_lib.Trajectory | None] = [None] * len(samples)
   for single in (False, True):
@@ -247,54 +241,7 @@ def draw_kinds(n: int, cfg: WarmupData, rng: np.random.Generator) -> list[RowKin
   return [kinds[i] for i in rng.choice(3, size=n, p=p / p.sum())]
 
 
-# ------------------------------------------------------------------------------------------------
-# The update.
-# ------------------------------------------------------------------------------------------------
-
-
-def sft_loss(model: Qwen25VL, batch: TrainBatch, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-  """Mean negative log-likelihood of the masked tokens, and their count."""
-  logp_BT, _ = sequence_logprobs(model, batch, chunk_size=chunk_size, temperature=1.0, compute_entropy=False)
-  mask_BT = token_loss_mask(batch)
-  count = jnp.sum(mask_BT)
-  return -jnp.sum(logp_BT * mask_BT) / jnp.maximum(count, 1.0), count
-
-
-class SFTTrainer:
-  """AdamW on the token NLL; one jitted, donated update per batch (shapes fixed by the caller's buckets).
-
-      trainer = SFTTrainer(model, optax.adamw(...))
-      metrics = trainer.step(batch)        # host TrainBatch (to_train_batch); or dispatch()
-      model = trainer.model()
-  """
-
-  def __init__(self, model: Qwen25VL, tx: optax.GradientTransformation, chunk_size: int = 1024):
-    self.graphdef, params = nnx.split(model, nnx.Param)
-    self.tx = tx
-    self.state = (params, tx.init(params))
-    self._update = jax.jit(functools.partial(self._update_fn, chunk_size=chunk_size), donate_argnums=(0,))
-
-  def _update_fn(self, state, batch: TrainBatch, *, chunk_size: int):
-    params, opt_state = state
-
-    def loss_fn(p):
-      return sft_loss(nnx.merge(self.graphdef, p), batch, chunk_size)
-
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, opt_state), {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
-
-  def dispatch(self, batch: TrainBatch) -> dict[str, jax.Array]:
-    """Starts the update of `batch`; returns its metrics as device scalars (fetch them later)."""
-    self.state, metrics = self._update(self.state, batch)
-    return metrics
-
-  def step(self, batch: TrainBatch) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(self.dispatch(batch)).items()}
-
-  def params(self) -> nnx.State:
-    return self.state[0]
-
-  def model(self) -> Qwen25VL:
-    return nnx.merge(self.graphdef, self.state[0])
+def decoded(samples, max_image_pixels: int) -> list[dict[str, Any]]:
+  """`samples` with their images decoded (unusable ones skipped, as in training)."""
+  decode = pipeline.DecodeImage(max_image_pixels)
+  return [d for d in map(decode, samples) if d is not None]

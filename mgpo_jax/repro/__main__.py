@@ -24,7 +24,26 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from mgpo_jax import config_schema as schema_lib
+from mgpo_jax.data import schema
+from mgpo_jax.data import synthetic
+from mgpo_jax.io import metrics as metrics_lib
+from mgpo_jax.learner import optim
+from mgpo_jax.learner import sft
+from mgpo_jax.models.qwen2_5_vl import checkpoint as ckpt_lib
+from mgpo_jax.models.qwen2_5_vl import params as params_lib
+from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
+from mgpo_jax.programs import experiment
+from mgpo_jax.programs import train as train_program
+from mgpo_jax.repro import warmup as warmup_lib
+from mgpo_jax.rollout import prompts as prompts_lib
+from mgpo_jax.rollout import trajectory as traj_lib
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +57,7 @@ METHODS = {"mgpo": False, "grpo": True}  # name -> rollout.single_turn
 
 def task_corpus(config: Any) -> list[str]:
   """Texts the task's tokenizer is trained on: the prompts, questions, options and answer formats."""
-  from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.data import schema, synthetic  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.rollout import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
-
-  texts = list(tok_lib._default_corpus())  # pylint: disable=protected-access
+  texts = list(tok_lib.default_corpus())
   for p in (prompts_lib.prompt_style(config.rollout.prompt_style), prompts_lib.PromptConfig()):
     texts += [p.system_prompt, p.grounding_request, p.crop_intro_template, p.invalid_box_intro, p.analyse_crop,
               p.analyse_original, p.answer_format_choices, p.single_turn_system_prompt]
@@ -52,50 +65,29 @@ def task_corpus(config: Any) -> list[str]:
     texts.append(prompts_lib.single_turn_messages(s["question"], s["choices"], prompts_lib.PromptConfig())[1]
                  ["content"][1]["text"])
   for letter in schema.OPTION_LETTERS[:config.data.synthetic.num_choices]:
-    texts.append(sft.answer_text(letter))
+    texts.append(warmup_lib.answer_text(letter))
   for x in range(0, 225, 25):
-    texts.append(sft.box_text((x, x, x + 75, x + 75), config.repro.get("box_label", "key region")))
+    texts.append(warmup_lib.box_text((x, x, x + 75, x + 75), config.repro.get("box_label", "key region")))
   return texts * 3  # BPE merges need repeated pairs
 
 
 def build_tokenizer(config: Any, workdir: str):
-  from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, "tokenizer")
-  if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tok_lib.build_tokenizer(tmp, vocab_size=config.model.tokenizer_vocab_size, corpus=task_corpus(config))
-    os.replace(tmp, path)
+  tok_lib.build_tokenizer_once(path, vocab_size=config.model.tokenizer_vocab_size, corpus=task_corpus(config))
   return tok_lib.load_tokenizer(path), path
-
-
-def _decoded(samples, max_image_pixels: int):
-  from mgpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  decode = pipeline.DecodeImage(max_image_pixels)
-  return [d for d in map(decode, samples) if d is not None]
 
 
 def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str) -> str:
   """Supervised warm-up from a random init; returns the HF export directory (skipped if it exists)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import experiment  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import optim, sft  # pylint: disable=g-import-not-at-top
-
   hf_dir = os.path.join(out_dir, "hf")
   if os.path.isfile(os.path.join(hf_dir, "config.json")):
     return hf_dir
   s = config.repro.sft
   model_cfg = experiment.build_model_config(config, tokenizer)
   rollout_cfg = schema_lib.rollout_config(config)
-  base_cfg = sft.WarmupData(box_grid=s.box_grid, close_up_min_side=s.close_up_min_side,
-                            single_turn_view=s.single_turn_view)
+  base_cfg = warmup_lib.WarmupData(box_grid=s.box_grid, close_up_min_side=s.close_up_min_side,
+                                   single_turn_view=s.single_turn_view)
   # (rows' settings, steps, sequence bucket, patch bucket) per stage: an optional perception stage of
   # cheap one-image close-up rows first (see the config), then the mix of all row kinds.
   stages = [(dataclasses.replace(base_cfg, mix=(0.0, 0.0, 1.0), single_turn_view="close_up"),
@@ -103,8 +95,9 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
             (dataclasses.replace(base_cfg, mix=tuple(s.mix)), s.steps, s.seq_bucket, s.patch_bucket)]
   total = s.perception_steps + s.steps
   t0 = time.perf_counter()
-  samples = _decoded(synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)),
-                     config.data.max_image_pixels)
+  samples = warmup_lib.decoded(
+      synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)),
+      config.data.max_image_pixels)
   logger.info("seed %d warm-up: %d samples generated in %.0f s", seed, len(samples), time.perf_counter() - t0)
 
   tx = optim.make_optimizer(optim.OptimConfig(
@@ -117,8 +110,8 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
 
   def next_batch(data_cfg, seq_bucket, patch_bucket):
     idx = rng.integers(len(samples), size=s.batch_size)
-    rows = sft.build_rows([samples[i] for i in idx], sft.draw_kinds(s.batch_size, data_cfg, rng), tokenizer,
-                          model_cfg, rollout_cfg, data_cfg, rng)
+    rows = warmup_lib.build_rows([samples[i] for i in idx], warmup_lib.draw_kinds(s.batch_size, data_cfg, rng),
+                                 tokenizer, model_cfg, rollout_cfg, data_cfg, rng)
     return traj_lib.to_train_batch(rows, list(range(len(rows))), seq_bucket=seq_bucket,
                                    patch_bucket=patch_bucket, max_images=2, pad_id=pad_id,
                                    vision_cfg=model_cfg.vision, max_turns=2, image_token_id=model_cfg.image_token_id)
@@ -168,9 +161,6 @@ def rl_config(config: Any, method: str, seed: int, hf_dir: str, tfds_dir: str):
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole comparison; returns the summary (also written to results.json / results.md / curves.png)."""
-  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import loop  # pylint: disable=g-import-not-at-top
-
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   schema_lib.validate(config)
@@ -184,7 +174,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       t0 = time.perf_counter()
       run_dir = os.path.join(workdir, f"seed{seed}", method)
       logger.info("seed %d: %s -> %s", seed, method, run_dir)
-      loop.train(rl_config(config, method, seed, hf_dir, os.path.join(workdir, "tfds")), run_dir)
+      train_program.train(rl_config(config, method, seed, hf_dir, os.path.join(workdir, "tfds")), run_dir)
       timings[f"seed{seed}/{method}"] = time.perf_counter() - t0
   summary = summarize(workdir, config.repro.seeds, config.repro.methods)
   summary["stage_seconds_this_invocation"] = timings
@@ -275,6 +265,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
 def plot(summary: Mapping[str, Any], path: str) -> None:
   """Eval accuracy and train reward vs step for every method (mean line, min-max band over seeds);
   MGPO's valid-box and target-hit rates."""
+  # Imported here: matplotlib is slow to import and only the plot needs it; the Agg backend must be chosen
+  # before pyplot is imported (no display on the machines this runs on).
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -330,9 +322,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_synthetic.py", "Comparison config.",
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the comparison.", required=True)

@@ -1,4 +1,4 @@
-"""The MGPO training loop: prompts -> multi-turn rollouts -> rewards -> GRPO updates -> logs.
+"""The MGPO training program's loop (`python -m mgpo_jax.main`): prompts -> multi-turn rollouts -> rewards -> GRPO updates -> logs.
 
 One step (every process runs the same code on its own prompts):
 
@@ -28,17 +28,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from mgpo_jax import checkpoint as ckpt_lib
 from mgpo_jax import config_schema as schema_lib
-from mgpo_jax import experiment
-from mgpo_jax import metrics as metrics_lib
 from mgpo_jax import sampling
-from mgpo_jax import visualize
 from mgpo_jax.data import pipeline
+from mgpo_jax.eval import loop as eval_loop
+from mgpo_jax.io import checkpoint as ckpt_io
+from mgpo_jax.io import metrics as metrics_lib
+from mgpo_jax.io import paths
+from mgpo_jax.learner import Learner, TrainState
+from mgpo_jax.models.qwen2_5_vl import checkpoint as model_ckpt
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
-from mgpo_jax.train.step import Learner, TrainState
+from mgpo_jax.parallel import processes
+from mgpo_jax.programs import experiment
+from mgpo_jax.rollout import trajectory as traj_lib
+from mgpo_jax.rollout import visualize
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +89,7 @@ class _Preemption:
     self.requested = True
 
   def any_process(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return processes.any_process(self.requested)
 
   def restore(self) -> None:
     signal.signal(signal.SIGTERM, self._previous)
@@ -97,7 +99,7 @@ def _checkpoint_manager(config: Any, root: str) -> ocp.CheckpointManager:
   t = config.train
   options = ocp.CheckpointManagerOptions(
       max_to_keep=t.keep_checkpoints, create=True, enable_async_checkpointing=t.async_checkpoint)
-  handlers = {ckpt_lib.PARAMS: ckpt_lib.params_handler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
+  handlers = {ckpt_io.PARAMS: ckpt_io.params_handler(), OPT_STATE: ocp.PyTreeCheckpointHandler(),
               META: ocp.JsonCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(root, item_handlers=handlers, options=options)
 
@@ -105,7 +107,7 @@ def _checkpoint_manager(config: Any, root: str) -> ocp.CheckpointManager:
 def _save(mngr, step: int, state: TrainState, data_iter) -> None:
   opt_leaves = jax.tree.leaves(state.opt_state)
   mngr.save(step, args=ocp.args.Composite(**{
-      ckpt_lib.PARAMS: ckpt_lib.params_save_args(state.params),
+      ckpt_io.PARAMS: ckpt_io.params_save_args(state.params),
       OPT_STATE: ocp.args.PyTreeSave({f"{i:05d}": x for i, x in enumerate(opt_leaves)}),
       META: ocp.args.JsonSave({"step": step, "optimizer_step": int(jax.device_get(state.step))}),
       DATA: pipeline.save_args(data_iter)}), force=True)
@@ -123,30 +125,14 @@ def _restore(mngr, step: int, learner: Learner, data_iter) -> TrainState:
   restore_args = {k: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype)
                   for k, t in targets.items()}
   got = mngr.restore(step, args=ocp.args.Composite(**{
-      ckpt_lib.PARAMS: ckpt_lib.params_restore_args(abs_params, learner.mesh),
+      ckpt_io.PARAMS: ckpt_io.params_restore_args(abs_params, learner.mesh),
       OPT_STATE: ocp.args.PyTreeRestore(item=targets, restore_args=restore_args),
       META: ocp.args.JsonRestore(),
       DATA: pipeline.restore_args(data_iter)}))
-  nnx.replace_by_pure_dict(abs_params, got[ckpt_lib.PARAMS])
+  nnx.replace_by_pure_dict(abs_params, got[ckpt_io.PARAMS])
   opt_state = jax.tree.unflatten(opt_def, [got[OPT_STATE][k] for k in sorted(got[OPT_STATE])])
   optimizer_step = jax.device_put(np.int32(got[META]["optimizer_step"]), learner.replicated)
   return TrainState(step=optimizer_step, params=abs_params, opt_state=opt_state)
-
-
-def _global_max(*values: int) -> list[int]:
-  """Element-wise max over processes (all processes must pick the same static shapes)."""
-  v = np.asarray(values, np.int64)
-  if jax.process_count() > 1:
-    v = np.asarray(multihost_utils.process_allgather(v)).max(axis=0)
-  return [int(x) for x in v]
-
-
-def _global_mean(values: dict[str, float]) -> dict[str, float]:
-  if jax.process_count() == 1 or not values:
-    return values
-  keys = sorted(values)
-  v = np.asarray(multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.float64)))
-  return dict(zip(keys, v.mean(axis=0).tolist()))
 
 
 def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model_cfg, pad_id: int):
@@ -155,8 +141,6 @@ def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model
   Samples are decoded `rollout.sampling_batch_size` at a time; a trajectory's `sample_index` is its
   sample's index in `samples`, its group id that plus `group_offset` (unique over processes).
   """
-  from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
-
   trajectories, metrics, host_s, total_s = [], [], 0.0, 0.0
   size = config.rollout.sampling_batch_size or len(samples)
   for start in range(0, len(samples), size):
@@ -170,7 +154,7 @@ def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model
   num_turns = engine.cfg.num_turns
   max_len = max(len(t.token_ids) for t in trajectories)
   max_patches = max(sum(int(np.prod(g)) for g in t.image_grids) for t in trajectories)
-  max_len, max_patches = _global_max(max_len, max_patches)
+  max_len, max_patches = processes.global_max(max_len, max_patches)
   batch = traj_lib.to_train_batch(
       trajectories, [group_offset + t.sample_index for t in trajectories],
       seq_bucket=sampling.bucket(max_len, config.rollout.seq_buckets, "sequence length (rollout.seq_buckets)"),
@@ -188,18 +172,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the experiment `config` in `workdir`; returns the last step's metrics."""
   schema_lib.validate(config)
   schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  if not ckpt_lib.is_remote(workdir):  # gs://... is used as given (Orbax, epath)
+  if not paths.is_remote(workdir):  # gs://... is used as given (Orbax, epath)
     workdir = os.path.abspath(workdir)
-  metrics_lib.makedirs(workdir)
+  paths.makedirs(workdir)
   t = config.train
 
   mesh = experiment.make_mesh(config)
   tokenizer = experiment.load_tokenizer(config, workdir)
   model_cfg = experiment.build_model_config(config, tokenizer)
   learner = Learner(schema_lib.learner_config(config), model_cfg, mesh)
-  root = os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
-  ckpt_lib.write_root(root, experiment.hf_config(config, model_cfg),
-                      assets_from=experiment.tokenizer_dir(config, workdir))
+  root = os.path.join(workdir, ckpt_io.CHECKPOINTS_SUBDIR)
+  model_ckpt.write_root(root, experiment.hf_config(config, model_cfg),
+                        assets_from=experiment.tokenizer_dir(config, workdir))
   mngr = _checkpoint_manager(config, root)
 
   local_batch = config.data.batch_size // jax.process_count()
@@ -220,7 +204,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   else:
     state = learner.init(initial)  # takes over (donates) the model's arrays
     ref = learner.reference_params(state.params)
-  policy = experiment.PolicySampler(config, learner, tokenizer, state.params)
+  policy = experiment.make_policy_sampler(config, model_cfg, state.params, learner.param_shardings, tokenizer)
   engine = experiment.make_engine(config, policy.sampler, tokenizer)
   eval_engine = experiment.make_engine(config, policy.sampler, tokenizer, greedy=True)
   eval_set = categories = None
@@ -234,10 +218,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   def run_eval() -> dict[str, float]:
     nonlocal eval_set, categories
-    from mgpo_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
     if eval_set is None:
-      eval_set, categories = experiment.eval_samples(config), eval_lib.eval_categories(config)
-    return eval_lib.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size, categories=categories)
+      eval_set, categories = experiment.eval_samples(config), experiment.eval_categories(config)
+    return eval_loop.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size, categories=categories)
 
   try:
     if t.eval_at_start and writer.last_step is None:  # the initial policy's numbers, as step 0
@@ -261,7 +244,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       step += 1
       last = {k: float(np.mean([m[k] for m in learner_metrics])) for k in learner_metrics[0]}
       last = {f"train/{k}": v for k, v in last.items()}
-      last.update(_global_mean(roll))
+      last.update(processes.global_mean(roll))
       last[TIMING_PREFIX + "update_s"] = t2 - t1
       last[TIMING_PREFIX + "step_s"] = t2 - t0
 
@@ -291,7 +274,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if t.export_hf_at_end and step == t.num_steps and jax.process_index() == 0:
     # safetensors are written to a local folder; a remote run exports next to the user's home.
     dst = (os.path.join(os.path.expanduser("~/mgpo_hf_export"), os.path.basename(workdir.rstrip("/")))
-           if ckpt_lib.is_remote(workdir) else os.path.join(workdir, "hf_export"))
+           if paths.is_remote(workdir) else os.path.join(workdir, "hf_export"))
     logger.info("exporting step %d as a Hugging Face checkpoint to %s", step, dst)
-    ckpt_lib.export_hf(root, dst, step=step, overwrite=True)
+    model_ckpt.export_hf(root, dst, step=step, overwrite=True)
   return last

@@ -44,18 +44,43 @@ BATCH = (DATA, FSDP)
 _warned: set[tuple] = set()
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh; one entry may be -1 (= the remaining devices)."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  shape = list(shape)
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """`shape` with its -1 (if any) replaced so that the product is `num_devices` (ValueError if impossible)."""
+  shape = tuple(int(s) for s in shape)
+  known = math.prod(s for s in shape if s != -1)
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {shape}: at most one -1")
   if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = devices.size // known
-  if math.prod(shape) != devices.size:
-    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {devices.size}")
-  return Mesh(devices.reshape(shape), MESH_AXES)
+    if known < 1 or num_devices % known:
+      raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all); one entry may be -1 (= the rest)."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices.reshape(resolve_mesh_shape(shape, devices.size)), MESH_AXES)
+
+
+def local_mesh(shape: Sequence[int] = (1, 1, -1)) -> Mesh:
+  """A mesh over this process's devices only (default: tensor-parallel over all of them)."""
+  return make_mesh(shape, jax.local_devices())
+
+
+def per_process_mesh(local: Mesh) -> Mesh:
+  """A global mesh with one row of the 'data' axis per process, each laid out like its `local` mesh.
+
+  With one process it is `local` itself. Arrays placed on it with a table that replicates over 'data'
+  give every process a complete copy on its own devices (the sampler's weights, see `sampling.policy`).
+  """
+  if jax.process_count() == 1:
+    return local
+  per_process = [np.asarray([d for d in jax.devices() if d.process_index == p]).reshape(local.devices.shape)
+                 for p in range(jax.process_count())]
+  return Mesh(np.concatenate(per_process, axis=0), MESH_AXES)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -67,7 +92,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   for name, dim in zip(axes, shape):
     mesh_axis = rules.get(name) if name is not None else None
     if name is not None and name not in rules:
-      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to mgpo_jax.sharding.RULES")
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to mgpo_jax.parallel.sharding.RULES")
     if mesh_axis is not None and mesh_axis in used:
       raise ValueError(f"mesh axis {mesh_axis!r} used twice in {tuple(axes)}")
     if mesh_axis is not None and dim % mesh.shape[mesh_axis]:

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mgpo_jax import metrics as metrics_lib
+from mgpo_jax.io import metrics as metrics_lib
+from mgpo_jax.io import paths
 from mgpo_jax.rollout import crop as crop_lib
 from mgpo_jax.rollout import reward as reward_lib
 
@@ -227,32 +228,32 @@ def _page(title: str, body: str) -> str:
 def write_rollout_page(workdir: str | os.PathLike, step: int, records: Sequence[RolloutRecord],
                        max_side: int = 768) -> str:
   """Writes the step's HTML page and PNGs, refreshes index.html; returns the page's path."""
-  join = metrics_lib.join_path
+  join = paths.join_path
   folder = join(os.fspath(workdir), ROLLOUTS_DIR)
   image_dir = f"step_{step:06d}"
-  metrics_lib.makedirs(join(folder, image_dir))
+  paths.makedirs(join(folder, image_dir))
   for i, record in enumerate(records):
     prefix = join(folder, image_dir, f"r{i:02d}")
-    metrics_lib.write_file(f"{prefix}_image.png", _png(draw_box(record, max_side)))
+    paths.write_file(f"{prefix}_image.png", _png(draw_box(record, max_side)))
     if record.crop is not None:
-      metrics_lib.write_file(f"{prefix}_crop.png", _png(_fit(record.crop, max_side)))
+      paths.write_file(f"{prefix}_crop.png", _png(_fit(record.crop, max_side)))
   rewards = [r.reward for r in records]
   mean = sum(rewards) / len(rewards) if rewards else float("nan")
   body = [f'<p><a href="{INDEX_FILE}">all steps</a></p>',
           f"<h1>Step {step}</h1><p>{len(records)} rollouts, mean reward {mean:.3g}</p>"]
   body += [_card(i, r, image_dir) for i, r in enumerate(records)]
   page = join(folder, f"{image_dir}.html")
-  metrics_lib.write_file(page, _page(f"rollouts at step {step}", "\n".join(body)).encode("utf-8"))
+  paths.write_file(page, _page(f"rollouts at step {step}", "\n".join(body)).encode("utf-8"))
   _write_index(folder)
   return page
 
 
 def _write_index(folder: str) -> None:
-  steps = sorted(int(m.group(1)) for name in metrics_lib.list_dir(folder)
+  steps = sorted(int(m.group(1)) for name in paths.list_dir(folder)
                  if (m := _STEP_PAGE.match(name)))
   items = "\n".join(f'<li><a href="step_{s:06d}.html">step {s}</a></li>' for s in steps)
   body = f"<h1>Rollouts</h1>\n<ul>\n{items}\n</ul>"
-  metrics_lib.write_file(metrics_lib.join_path(folder, INDEX_FILE),
+  paths.write_file(paths.join_path(folder, INDEX_FILE),
                          _page("rollouts", body).encode("utf-8"))
 
 

@@ -1,7 +1,7 @@
 """Diagnostic for the laptop-scale comparison: can the warmed-up model learn WHERE the object is when it
 is TOLD?
 
-  python -m mgpo_jax.repro_probe --hf_dir=/tmp/mgpo_repro/seed0/sft/hf --steps=400
+  python -m mgpo_jax.repro.probe --hf_dir=/tmp/mgpo_repro/seed0/sft/hf --steps=400
 
 This is not part of the comparison, and nothing in it reaches the RL runs. It continues the warm-up
 from `hf_dir` on format rows whose turn-1 box is the LABEL: the grid cell that holds most of the target
@@ -23,15 +23,29 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+import optax
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from mgpo_jax import config_schema as schema_lib
+from mgpo_jax.data import synthetic
+from mgpo_jax.learner import sft
+from mgpo_jax.models.qwen2_5_vl import params as params_lib
+from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
+from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from mgpo_jax.repro import warmup as warmup_lib
+from mgpo_jax.rollout import trajectory as traj_lib
 
 logger = logging.getLogger(__name__)
 
 
 class LabelledCells:
-  """Stands in for the generator `sft.build_rows` draws a format row's random grid cell from: `integers`
+  """Stands in for the generator `warmup.build_rows` draws a format row's random grid cell from: `integers`
   answers, row by row, the index of the cell that holds the most of that row's target."""
-
   def __init__(self, labels: Sequence[int]):
     self._labels = list(labels)
 
@@ -45,22 +59,18 @@ class LabelledCells:
 
 
 def label_cell(sample, image_cfg, cells: int) -> int:
-  """Index (into `sft.grid_boxes`) of the cell that holds the most of the sample's target."""
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
-
-  _, cover = sft.grid_cells(sample, sft.input_size(sample["image"].size, image_cfg), cells)
+  """Index (into `warmup.grid_boxes`) of the cell that holds the most of the sample's target."""
+  _, cover = warmup_lib.grid_cells(sample, warmup_lib.input_size(sample["image"].size, image_cfg), cells)
   return int(np.argmax(cover))
 
 
 def labelled_rows(samples, tokenizer, model_cfg, rollout_cfg, cells: int, train_answer: bool):
   """Format rows (the MGPO conversation) whose turn-1 box is the label cell; turn 1 is trained, the
   answer only if `train_answer`."""
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
-
-  cfg = sft.WarmupData(box_grid=cells, mix=(1.0, 0.0, 0.0))
+  cfg = warmup_lib.WarmupData(box_grid=cells, mix=(1.0, 0.0, 0.0))
   rng = LabelledCells([label_cell(s, rollout_cfg.image, cells) for s in samples])
-  rows = sft.build_rows(samples, [sft.RowKind.FORMAT] * len(samples), tokenizer, model_cfg, rollout_cfg, cfg,
-                        rng)  # type: ignore[arg-type]
+  rows = warmup_lib.build_rows(samples, [warmup_lib.RowKind.FORMAT] * len(samples), tokenizer, model_cfg,
+                               rollout_cfg, cfg, rng)  # type: ignore[arg-type]
   if not train_answer:
     for tr in rows:
       s, e = tr.turn_spans[-1]
@@ -73,18 +83,6 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
         num_eval: int, out_path: str | None = None) -> dict[str, Any]:
   """Trains on labelled boxes for `steps` (batch config.repro.sft.batch_size); returns the held-out box
   NLL per row at step 0 and every `eval_every` steps."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import repro  # pylint: disable=g-import-not-at-top
-  from mgpo_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.models.qwen2_5_vl import params as params_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.rollout import trajectory as traj_lib  # pylint: disable=g-import-not-at-top
-  from mgpo_jax.train import sft  # pylint: disable=g-import-not-at-top
-
   s = config.repro.sft
   cells, bs = s.box_grid, s.batch_size
   tokenizer = tok_lib.load_tokenizer(hf_dir)
@@ -92,10 +90,10 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
   rollout_cfg = schema_lib.rollout_config(config)
   t0 = time.perf_counter()
   max_px = config.data.max_image_pixels
-  train = repro._decoded(synthetic.iter_split(num_samples, s.data_seed, schema_lib.synthetic_config(config.data)),
-                         max_px)
-  held_out = repro._decoded(synthetic.iter_split(num_eval, config.eval.synthetic.seed,
-                                                 schema_lib.synthetic_config(config.eval)), max_px)
+  train = warmup_lib.decoded(
+      synthetic.iter_split(num_samples, s.data_seed, schema_lib.synthetic_config(config.data)), max_px)
+  held_out = warmup_lib.decoded(
+      synthetic.iter_split(num_eval, config.eval.synthetic.seed, schema_lib.synthetic_config(config.eval)), max_px)
   logger.info("probe: %d + %d samples in %.0f s", len(train), len(held_out), time.perf_counter() - t0)
 
   def batch(rows):
@@ -146,9 +144,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_synthetic.py", "Comparison config.",
                                             lock_config=False)
   _HF_DIR = flags.DEFINE_string("hf_dir", None, "A warm-up export (<workdir>/seed<k>/sft/hf).", required=True)

@@ -1,0 +1,1 @@
+"""Files: remote-aware paths, parameter checkpoints, metrics and TensorBoard event files."""

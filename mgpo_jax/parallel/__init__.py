@@ -1,0 +1,1 @@
+"""Devices and processes: the one sharding table, meshes, and multi-host coordination."""
