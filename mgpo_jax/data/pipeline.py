@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from absl import flags
 import grain
+import jax
 from PIL import Image
 
 from mgpo_jax.data import schema
@@ -133,8 +134,6 @@ def make_dataset(
   if max_image_pixels < 1:
     raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
   if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  # Only for the defaults.
-
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:

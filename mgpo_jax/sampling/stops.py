@@ -173,7 +173,9 @@ def stack_tables(tables: Sequence[np.ndarray], vocab: int, max_rules: int, max_s
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  # Imported here: transformers takes seconds to import, and only a stop given as a string needs its byte
+  # table (token-id stops and the rest of the sampler do not).
+  from transformers.convert_slow_tokenizer import bytes_to_unicode  # pylint: disable=g-import-not-at-top
   return {c: b for b, c in bytes_to_unicode().items()}
 
 

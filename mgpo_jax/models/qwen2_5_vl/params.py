@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import safetensors_io
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL
+from mgpo_jax.parallel import sharding as shd
 
 
 class CheckpointMismatchError(ValueError):
@@ -198,7 +199,6 @@ def load_hf_state(hf_dir: str | os.PathLike, cfg: Qwen25VLConfig, dtype=jnp.floa
   np_dtype = np.dtype(jnp.dtype(dtype))
   bar = None
   if progress:
-    from tqdm import tqdm
     bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=None)
 
   def read(key: str) -> np.ndarray:
