@@ -10,14 +10,14 @@ dot; a crop of a third of the image comes back at 224x224 with the object 3x lar
 Per seed: a supervised warm-up of a from-scratch Qwen2.5-VL-shaped model (`mgpo_jax.train.sft`; never a
 box label): a perception stage that answers from close-up crops only (so no answer is ever trained on
 the shrunk full image), then the conversation format with RANDOM grid boxes and close-up reading. Then
-MGPO (two turns) and GRPO (one turn) from the same warm-up with the same budget. `repro.*` holds the
-warm-up and the comparison; the other sections are the RL runs' (the repro fills in model.hf_dir, the
+MGPO (two turns) and GRPO (one turn) from the same warm-up with the same budget. `repro.*` (described in
+mgpo_jax/repro/config.py) holds the warm-up and the comparison; the other sections are the RL runs' (the repro fills in model.hf_dir, the
 tokenizer and rollout.single_turn).
 """
 
-import ml_collections
-
 from configs import base
+from mgpo_jax import config as config_lib
+from mgpo_jax.repro import config as repro_config
 
 def _synthetic(section, n: int, seed: int) -> None:
   s = section.synthetic
@@ -58,13 +58,9 @@ def get_config():
       mrope_section=(1, 3, 12),
       rope_theta=1e3,
       tie_word_embeddings=False,
-      vision_depth=2,
-      vision_hidden_size=64,
-      vision_intermediate_size=128,
-      vision_num_heads=2,
-      vision_window_size=112,
-      vision_fullatt_block_indexes=(1,),
   ))
+  m.tiny.vision.update(dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, window_size=112,
+                            fullatt_block_indexes=(1,), out_hidden_size=128))
 
   c.data.source = "synthetic"
   c.data.path = ""
@@ -112,28 +108,6 @@ def get_config():
   c.eval.batch_size = 32
 
   with c.unlocked():
-    c.repro = ml_collections.ConfigDict(dict(
-        seeds=(0, 1, 2),
-        methods=("mgpo", "grpo"),
-        sft=dict(
-            # Perception stage: one-image close-up rows (single_turn_view="close_up"), short buckets.
-            perception_steps=400,
-            perception_seq_bucket=256,
-            perception_patch_bucket=256,
-            steps=300,
-            batch_size=16,
-            learning_rate=2e-3,
-            min_lr_ratio=0.5,
-            warmup_steps=20,
-            num_samples=1000,
-            data_seed=100,  # + the run's seed; the RL sets use seeds 0 (train) and 1 (eval)
-            box_grid=3,
-            close_up_min_side=1.5,
-            single_turn_view="close_up",
-            mix=(2.0, 1.0, 1.0),  # format / close-up / single-turn rows
-            seq_bucket=384,
-            patch_bucket=512,
-        ),
-    ))
+    c.repro = config_lib.to_config_dict(repro_config.Repro())  # seeds 0-2, the warm-up: mgpo_jax/repro/config.py
   c.lock()
   return c

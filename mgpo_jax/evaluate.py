@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 from ml_collections import config_flags
 
-from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import config as config_lib
 from mgpo_jax.eval import loop as eval_loop
 from mgpo_jax.io import checkpoint as ckpt_io
 from mgpo_jax.io import paths
@@ -45,9 +45,10 @@ def main(argv: Sequence[str]) -> None:
   del argv
   config = _CONFIG.value
   _MULTIHOST.init_distributed()
-  schema_lib.validate(config)
-  schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+  config_lib.validate(config)
+  config_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                               check_paths=not _CHECKPOINT.value)
+  config = config_lib.parse(config)  # from here on the typed, frozen sections
   workdir = _OUT_DIR.value or _CHECKPOINT.value or "/tmp/mgpo_eval"
   paths.makedirs(workdir)
   mesh = experiment.make_mesh(config)

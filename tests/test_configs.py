@@ -1,4 +1,4 @@
-"""Tests for configs/*.py, mgpo_jax.config_schema and the launch/ scripts."""
+"""Tests for configs/*.py, mgpo_jax.config and the launch/ scripts."""
 
 import importlib
 import itertools
@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from mgpo_jax import config_schema as cs
+from mgpo_jax import config as cs
 from mgpo_jax import rl
 from mgpo_jax.parallel import sharding
 from mgpo_jax.data import readers
@@ -103,6 +103,37 @@ def test_tpu_meshes_fit_their_slices(name, devices, hosts):
     assert dim % t == 0
 
 
+def test_every_field_is_described_once():
+  """The shipped configs hold exactly the described fields, and the checker reads every one of them."""
+  described = flat(cs.defaults())
+  for name in CONFIG_NAMES:
+    assert flat(load(name)).keys() == described.keys(), name
+  c = load("base")
+  c.unlock()
+  for field in described:  # each field, removed alone, is reported by its own name
+    section, *rest = field.split(".")
+    node = c[section]
+    for part in rest[:-1]:
+      node = node[part]
+    value = node[rest[-1]]
+    del node[rest[-1]]
+    assert f"{field}: missing" in problems_of(c), field
+    node[rest[-1]] = value
+
+
+def test_the_repro_section_is_validated():
+  from mgpo_jax.repro.config import Repro
+
+  c = load("repro_synthetic")
+  cs.validate(c, extra_sections={"repro": Repro})
+  c.repro.sft.batch_size = 0
+  c.repro.methods = ("mgpo", "ppo")
+  with pytest.raises(cs.ConfigError) as e:
+    cs.validate(c, extra_sections={"repro": Repro})
+  assert "repro.sft.batch_size: must be >= 1, got 0" in str(e.value)
+  assert "repro.methods: must name one or more of ['grpo', 'mgpo']" in str(e.value)
+
+
 def test_derived_configs_cannot_add_fields():
   c = load("base")
   with pytest.raises(AttributeError, match="kl_coeff"):
@@ -163,6 +194,14 @@ def _set(path, value):
   return mutate
 
 
+def _set_any(path, value):
+  """_set past ConfigDict's own type check (a config built some other way can hold anything)."""
+  def mutate(c):
+    with c.ignore_type():
+      _set(path, value)(c)
+  return mutate
+
+
 INVALID = [
     (_set("rl.advantage", "grp"), "rl.advantage", "unknown name 'grp'"),
     (_set("rollout.reward", "f1"), "rollout.reward", "exact_match"),
@@ -209,6 +248,9 @@ INVALID = [
     (_set("optim.min_lr_ratio", 2.0), "optim.min_lr_ratio", "in [0.0, 1.0]"),
     (_set("rl.logprob_chunk_size", 0), "rl.logprob_chunk_size", ">= 1"),
     (_set("data.num_epochs", 0), "data.num_epochs", ">= 1"),
+    (_set_any("train.eval_at_start", 1), "train.eval_at_start", "True or False"),
+    (_set_any("rollout.lenient_bbox", "no"), "rollout.lenient_bbox", "True or False"),
+    (_set("data.synthetic.categories", (1, 2)), "data.synthetic.categories", "tuple of strings"),
 ]
 
 
@@ -226,8 +268,9 @@ def test_invalid_config_names_the_problem(mutate, field, fragment):
 @pytest.mark.parametrize("mutate, field", [
     (_set("model.tiny.num_heads", 3), "hidden_size 64 not divisible by num_heads 3"),
     (_set("model.tiny.mrope_section", (2, 2, 2)), "mrope_section"),
-    (_set("model.tiny.vision_window_size", 100), "window_size"),
+    (_set("model.tiny.vision.window_size", 100), "window_size"),
     (_set("model.tiny.vocab_size", 300), "model.tiny.vocab_size: 300 < 526"),
+    (_set("model.tiny.vision.out_hidden_size", 32), "model.tiny.vision.out_hidden_size: 32 != model.tiny.hidden_size=64"),
     (_set("data.synthetic.target_size", (8, 300)), "data.synthetic: target_size"),
 ])
 def test_invalid_tiny_sizes(mutate, field):
@@ -443,12 +486,12 @@ def test_override_of_an_unknown_field_fails():
 _MAIN = """
 from absl import app
 from ml_collections import config_flags
-from mgpo_jax import config_schema
+from mgpo_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config")
 
 def main(argv):
-  config_schema.validate(_CONFIG.value)
+  config_lib.validate(_CONFIG.value)
   print("n =", _CONFIG.value.rollout.num_generations, "advantage =", _CONFIG.value.rl.advantage)
 
 app.run(main)

@@ -17,6 +17,7 @@ from mgpo_jax.repro import probe as repro_probe
 def _reduced_config():
   c = repro_synthetic.get_config()
   c.model.tiny.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, mrope_section=(2, 3, 3)))
+  c.model.tiny.vision.out_hidden_size = 64  # the vision tower feeds the decoder
   c.repro.seeds = (3,)
   c.repro.sft.perception_steps = 10
   c.repro.sft.steps = 30
@@ -89,7 +90,7 @@ def test_results_table_and_plot(run):
 
 
 def test_probe_rows_carry_the_label_cell_and_mask_the_answer(run):
-  from mgpo_jax import config_schema as schema_lib  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.programs import experiment  # pylint: disable=g-import-not-at-top
   from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from mgpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -99,8 +100,8 @@ def test_probe_rows_carry_the_label_cell_and_mask_the_answer(run):
   workdir, _ = run
   c = _reduced_config()
   tok = tok_lib.load_tokenizer(os.path.join(workdir, "seed3", "sft", "hf"))
-  rcfg = schema_lib.rollout_config(c)
-  samples = warmup.decoded(synthetic.iter_split(6, 5, schema_lib.synthetic_config(c.data)), c.data.max_image_pixels)
+  rcfg = config_lib.rollout_config(c)
+  samples = warmup.decoded(synthetic.iter_split(6, 5, config_lib.synthetic_config(c.data)), c.data.max_image_pixels)
   rows = repro_probe.labelled_rows(samples, tok, experiment.build_model_config(c, tok), rcfg, 3, train_answer=False)
   for sample, tr in zip(samples, rows):
     in_size = warmup.input_size(sample["image"].size, rcfg.image)

@@ -49,7 +49,7 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import AbstractMesh
 
-from mgpo_jax import config_schema as cs
+from mgpo_jax import config as cs
 from mgpo_jax.learner import Learner, LearnerConfig, Precision, TrainState
 from mgpo_jax.models.qwen2_5_vl.params import abstract_model
 from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs

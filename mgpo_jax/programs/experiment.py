@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import config as config_lib
 from mgpo_jax import sampling
 from mgpo_jax.data import pipeline
 from mgpo_jax.data import readers
@@ -68,9 +68,9 @@ def make_sampling_mesh(config: Any) -> Mesh:
 def load_tokenizer(config: Any, workdir: str):
   """The tokenizer config.model.tokenizer names; "build_local" trains one into <workdir>/tokenizer once."""
   m = config.model
-  if m.tokenizer == schema_lib.TOKENIZER_FROM_HF_DIR:
+  if m.tokenizer == config_lib.TOKENIZER_FROM_HF_DIR:
     return tok_lib.load_tokenizer(m.hf_dir)
-  if m.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
+  if m.tokenizer == config_lib.TOKENIZER_BUILD_LOCAL:
     path = tokenizer_dir(config, workdir)
     # Built by one process on a shared folder; with a remote workdir by every host into a local cache
     # (the build is deterministic).
@@ -85,9 +85,9 @@ def load_tokenizer(config: Any, workdir: str):
 def tokenizer_dir(config: Any, workdir: str) -> str | None:
   """The folder whose tokenizer files an HF export should carry."""
   m = config.model
-  if m.tokenizer == schema_lib.TOKENIZER_FROM_HF_DIR:
+  if m.tokenizer == config_lib.TOKENIZER_FROM_HF_DIR:
     return m.hf_dir or None
-  if m.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
+  if m.tokenizer == config_lib.TOKENIZER_BUILD_LOCAL:
     if paths.is_remote(workdir):  # transformers reads local folders only
       return os.path.join(os.path.expanduser("~/.cache/mgpo_jax"), f"tokenizer_{m.tokenizer_vocab_size}")
     return os.path.join(workdir, TOKENIZER_SUBDIR)
@@ -98,14 +98,14 @@ def tokenizer_dir(config: Any, workdir: str) -> str | None:
 def build_model_config(config: Any, tokenizer) -> Qwen25VLConfig:
   """Model sizes; a locally built tokenizer's special-token ids replace Qwen's (they differ)."""
   overrides = {}
-  if config.model.tokenizer == schema_lib.TOKENIZER_BUILD_LOCAL:
+  if config.model.tokenizer == config_lib.TOKENIZER_BUILD_LOCAL:
     sp = chat.special_token_ids(tokenizer)
     overrides = dict(image_token_id=sp.image_pad, video_token_id=sp.video_pad,
                      vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
                      bos_token_id=None, eos_token_id=sp.im_end, pad_token_id=sp.pad)
-  cfg = schema_lib.model_config(config, **overrides)
+  cfg = config_lib.model_config(config, **overrides)
   if len(tokenizer) > cfg.vocab_size:
-    raise schema_lib.ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's "
+    raise config_lib.ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's "
                                  f"vocab_size={cfg.vocab_size}")
   return cfg
 
@@ -113,7 +113,7 @@ def build_model_config(config: Any, tokenizer) -> Qwen25VLConfig:
 def hf_config(config: Any, model_cfg: Qwen25VLConfig) -> dict[str, Any]:
   """The HF config dict checkpoints carry: the checkpoint's own config.json verbatim when the weights
   come from one (exports stay faithful to it), else the model config's."""
-  if config.model.init == schema_lib.ModelInit.HF:
+  if config.model.init == config_lib.ModelInit.HF:
     with open(os.path.join(config.model.hf_dir, "config.json"), encoding="utf-8") as f:
       return json.load(f)
   return model_cfg.to_hf_dict()
@@ -121,10 +121,10 @@ def hf_config(config: Any, model_cfg: Qwen25VLConfig) -> dict[str, Any]:
 
 def build_model(config: Any, model_cfg: Qwen25VLConfig, mesh: Mesh):
   """The initial policy in float32 (the learner's master copy), created directly sharded on `mesh`."""
-  if config.model.init == schema_lib.ModelInit.HF:
+  if config.model.init == config_lib.ModelInit.HF:
     model = params_lib.from_pretrained(config.model.hf_dir, dtype=jnp.float32, mesh=mesh)
     if model.cfg != model_cfg:
-      raise schema_lib.ConfigError(f"model.hf_dir {config.model.hf_dir!r} holds a different model than "
+      raise config_lib.ConfigError(f"model.hf_dir {config.model.hf_dir!r} holds a different model than "
                                    f"model.size={config.model.size!r} describes")
     return model
   return params_lib.init_model(model_cfg, seed=config.train.seed, dtype=jnp.float32, mesh=mesh)
@@ -145,7 +145,7 @@ def train_source(config: Any, workdir: str):
     except ValueError:
       logger.info("building the %s dataset %r under %s", d.source, d.tfds_name, data_dir)
       builder_cfg = tfds_builder.MgpoConfig(name=d.tfds_name, source=d.source,
-                                            splits={d.split: schema_lib.reader_kwargs(d)})
+                                            splits={d.split: config_lib.reader_kwargs(d)})
       tfds_builder.build(builder_cfg, data_dir)
   processes.barrier("tfds")
   return tfds_builder.load_data_source(data_dir, d.tfds_name, d.split)
@@ -158,7 +158,7 @@ def eval_samples(config: Any) -> list[dict[str, Any]]:
   """
   e = config.eval
   records = []
-  for i, sample in enumerate(readers.read_source(e.source, **schema_lib.reader_kwargs(e))):
+  for i, sample in enumerate(readers.read_source(e.source, **config_lib.reader_kwargs(e))):
     if e.num_samples and i >= e.num_samples:
       break
     if i % jax.process_count() == jax.process_index():
@@ -176,20 +176,20 @@ def make_policy_sampler(config: Any, model_cfg: Qwen25VLConfig, params: nnx.Stat
                         tokenizer) -> sampling.PolicySampler:
   """The sampler of `config.rollout`'s shapes on this process's devices (`mesh.sampling_shape`), computing
   in `model.dtype` with the table `mesh.sampling_rules`, first fed `params` (laid out by `param_shardings`)."""
-  return sampling.PolicySampler(model_cfg, params, param_shardings, schema_lib.compute_dtype(config),
-                                schema_lib.sampler_config(config), tokenizer, mesh=make_sampling_mesh(config),
-                                rules=schema_lib.sharding_rules(config))
+  return sampling.PolicySampler(model_cfg, params, param_shardings, config_lib.compute_dtype(config),
+                                config_lib.sampler_config(config), tokenizer, mesh=make_sampling_mesh(config),
+                                rules=config_lib.sharding_rules(config))
 
 
 def make_engine(config: Any, sampler, tokenizer, greedy: bool = False):
-  return engine_lib.RolloutEngine(sampler, tokenizer, schema_lib.rollout_config(config, greedy=greedy))
+  return engine_lib.RolloutEngine(sampler, tokenizer, config_lib.rollout_config(config, greedy=greedy))
 
 
 def eval_categories(config: Any) -> list[str]:
   """The eval set's categories (read from the records, without decoding images)."""
   e = config.eval
   cats = set()
-  for i, s in enumerate(readers.read_source(e.source, **schema_lib.reader_kwargs(e))):
+  for i, s in enumerate(readers.read_source(e.source, **config_lib.reader_kwargs(e))):
     if e.num_samples and i >= e.num_samples:
       break
     cats.add(str(s.get("category", "")))

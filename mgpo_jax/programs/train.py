@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import config as config_lib
 from mgpo_jax import sampling
 from mgpo_jax.data import pipeline
 from mgpo_jax.eval import loop as eval_loop
@@ -169,9 +169,10 @@ def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) the experiment `config` in `workdir`; returns the last step's metrics."""
-  schema_lib.validate(config)
-  schema_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  """Runs (or resumes) the experiment `config` (a ConfigDict) in `workdir`; returns the last step's metrics."""
+  config_lib.validate(config)
+  config_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  config = config_lib.parse(config)  # from here on the typed, frozen sections
   if not paths.is_remote(workdir):  # gs://... is used as given (Orbax, epath)
     workdir = os.path.abspath(workdir)
   paths.makedirs(workdir)
@@ -180,7 +181,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   mesh = experiment.make_mesh(config)
   tokenizer = experiment.load_tokenizer(config, workdir)
   model_cfg = experiment.build_model_config(config, tokenizer)
-  learner = Learner(schema_lib.learner_config(config), model_cfg, mesh)
+  learner = Learner(config_lib.learner_config(config), model_cfg, mesh)
   root = os.path.join(workdir, ckpt_io.CHECKPOINTS_SUBDIR)
   model_ckpt.write_root(root, experiment.hf_config(config, model_cfg),
                         assets_from=experiment.tokenizer_dir(config, workdir))

@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import config as config_lib
 from mgpo_jax.data import schema
 from mgpo_jax.data import synthetic
 from mgpo_jax.io import metrics as metrics_lib
@@ -42,12 +42,12 @@ from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
 from mgpo_jax.programs import experiment
 from mgpo_jax.programs import train as train_program
 from mgpo_jax.repro import warmup as warmup_lib
+from mgpo_jax.repro.config import METHODS, Repro
 from mgpo_jax.rollout import prompts as prompts_lib
 from mgpo_jax.rollout import trajectory as traj_lib
 
 logger = logging.getLogger(__name__)
 
-METHODS = {"mgpo": False, "grpo": True}  # name -> rollout.single_turn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,13 +61,13 @@ def task_corpus(config: Any) -> list[str]:
   for p in (prompts_lib.prompt_style(config.rollout.prompt_style), prompts_lib.PromptConfig()):
     texts += [p.system_prompt, p.grounding_request, p.crop_intro_template, p.invalid_box_intro, p.analyse_crop,
               p.analyse_original, p.answer_format_choices, p.single_turn_system_prompt]
-  for s in synthetic.iter_split(16, 0, schema_lib.synthetic_config(config.data)):
+  for s in synthetic.iter_split(16, 0, config_lib.synthetic_config(config.data)):
     texts.append(prompts_lib.single_turn_messages(s["question"], s["choices"], prompts_lib.PromptConfig())[1]
                  ["content"][1]["text"])
   for letter in schema.OPTION_LETTERS[:config.data.synthetic.num_choices]:
     texts.append(warmup_lib.answer_text(letter))
   for x in range(0, 225, 25):
-    texts.append(warmup_lib.box_text((x, x, x + 75, x + 75), config.repro.get("box_label", "key region")))
+    texts.append(warmup_lib.box_text((x, x, x + 75, x + 75), config.repro.box_label))
   return texts * 3  # BPE merges need repeated pairs
 
 
@@ -85,7 +85,7 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
     return hf_dir
   s = config.repro.sft
   model_cfg = experiment.build_model_config(config, tokenizer)
-  rollout_cfg = schema_lib.rollout_config(config)
+  rollout_cfg = config_lib.rollout_config(config)
   base_cfg = warmup_lib.WarmupData(box_grid=s.box_grid, close_up_min_side=s.close_up_min_side,
                                    single_turn_view=s.single_turn_view)
   # (rows' settings, steps, sequence bucket, patch bucket) per stage: an optional perception stage of
@@ -96,7 +96,7 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
   total = s.perception_steps + s.steps
   t0 = time.perf_counter()
   samples = warmup_lib.decoded(
-      synthetic.iter_split(s.num_samples, s.data_seed + seed, schema_lib.synthetic_config(config.data)),
+      synthetic.iter_split(s.num_samples, s.data_seed + seed, config_lib.synthetic_config(config.data)),
       config.data.max_image_pixels)
   logger.info("seed %d warm-up: %d samples generated in %.0f s", seed, len(samples), time.perf_counter() - t0)
 
@@ -163,7 +163,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole comparison; returns the summary (also written to results.json / results.md / curves.png)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  schema_lib.validate(config)
+  config_lib.validate(config, extra_sections={"repro": Repro})
   tokenizer, tok_path = build_tokenizer(config, workdir)
   timings = {}
   for seed in config.repro.seeds:

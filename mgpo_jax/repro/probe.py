@@ -31,7 +31,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mgpo_jax import config_schema as schema_lib
+from mgpo_jax import config as config_lib
 from mgpo_jax.data import synthetic
 from mgpo_jax.learner import sft
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
@@ -87,13 +87,13 @@ def run(config: Any, hf_dir: str, steps: int, eval_every: int, learning_rate: fl
   cells, bs = s.box_grid, s.batch_size
   tokenizer = tok_lib.load_tokenizer(hf_dir)
   model_cfg = Qwen25VLConfig.from_pretrained(hf_dir)  # the export's sizes and special-token ids
-  rollout_cfg = schema_lib.rollout_config(config)
+  rollout_cfg = config_lib.rollout_config(config)
   t0 = time.perf_counter()
   max_px = config.data.max_image_pixels
   train = warmup_lib.decoded(
-      synthetic.iter_split(num_samples, s.data_seed, schema_lib.synthetic_config(config.data)), max_px)
+      synthetic.iter_split(num_samples, s.data_seed, config_lib.synthetic_config(config.data)), max_px)
   held_out = warmup_lib.decoded(
-      synthetic.iter_split(num_eval, config.eval.synthetic.seed, schema_lib.synthetic_config(config.eval)), max_px)
+      synthetic.iter_split(num_eval, config.eval.synthetic.seed, config_lib.synthetic_config(config.eval)), max_px)
   logger.info("probe: %d + %d samples in %.0f s", len(train), len(held_out), time.perf_counter() - t0)
 
   def batch(rows):
