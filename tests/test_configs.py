@@ -124,14 +124,17 @@ def test_every_field_is_described_once():
 def test_the_repro_section_is_validated():
   from mgpo_jax.repro.config import Repro
 
-  c = load("repro_synthetic")
+  c = load("repro_scenes")
+  c.model.hf_dir = "/some/base"  # the repro fills it in
   cs.validate(c, extra_sections={"repro": Repro})
-  c.repro.sft.batch_size = 0
+  c.repro.gates_num = 0
   c.repro.methods = ("mgpo", "ppo")
+  c.data.scenes.object_side = 20
   with pytest.raises(cs.ConfigError) as e:
     cs.validate(c, extra_sections={"repro": Repro})
-  assert "repro.sft.batch_size: must be >= 1, got 0" in str(e.value)
-  assert "repro.methods: must name one or more of ['grpo', 'mgpo']" in str(e.value)
+  assert "repro.gates_num: must be >= 1, got 0" in str(e.value)
+  assert "repro.methods: must name one or more of ['control', 'grpo', 'mgpo']" in str(e.value)
+  assert "data.scenes.object_side: must be >= 29, got 20" in str(e.value)
 
 
 def test_derived_configs_cannot_add_fields():

@@ -15,6 +15,7 @@ from mgpo_jax import sampling
 from mgpo_jax.config import sections as S
 from mgpo_jax.config.fields import ConfigError, from_config
 from mgpo_jax.data import readers
+from mgpo_jax.data import scenes
 from mgpo_jax.data import synthetic
 from mgpo_jax.models.qwen2_5_vl import preprocess
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
@@ -126,7 +127,7 @@ def rollout_config(config: Any, image: preprocess.ImageProcessorConfig | None = 
       top_p=r.top_p, top_k=r.top_k,
       image=image_processor_config(config, image), reward=r.reward, lenient_parse=r.lenient_bbox,
       train_on_forced_close=r.train_on_forced_close, host_workers=r.host_workers,
-      prompts=prompts_lib.prompt_style(r.prompt_style))
+      prompts=prompts_lib.prompt_style(r.prompt_style), random_crop=r.random_crop)
 
 
 def sampler_config(config: Any) -> sampling.SamplerConfig:
@@ -155,12 +156,21 @@ def synthetic_config(section: Any) -> synthetic.SyntheticConfig:
       image_format=synthetic.ImageFormat(s.image_format))
 
 
+def scene_config(section: Any) -> scenes.SceneConfig:
+  """Scene settings of `config.data` or `config.eval` (their `scenes` sub-section)."""
+  s = section.scenes
+  return scenes.SceneConfig(input_side=s.input_side, scale=s.scale, num_objects=s.num_objects,
+                            object_side=s.object_side, dot_side=s.dot_side, lattice=s.lattice, jitter=s.jitter)
+
+
 def reader_kwargs(section: Any) -> dict[str, Any]:
   """Keyword arguments of `readers.read_source(section.source, ...)` for `config.data`/`eval`."""
   kind = readers.SourceKind(section.source)
   if kind is readers.SourceKind.SYNTHETIC:
     return {"n": section.synthetic.n, "seed": section.synthetic.seed,
             "config": synthetic_config(section)}
+  if kind is readers.SourceKind.SCENES:
+    return {"n": section.scenes.n, "seed": section.scenes.seed, "config": scene_config(section)}
   if kind is readers.SourceKind.JSONL:
     return {"path": section.path}
   if kind is readers.SourceKind.VSTAR:

@@ -86,6 +86,12 @@ def _source_rules(chk: Checker, section: str) -> None:
         build.synthetic_config(chk.config[section])
       except (ValueError, TypeError, KeyError, AttributeError) as e:
         chk.add(f"{section}.synthetic", str(e))
+  elif source == readers.SourceKind.SCENES:
+    if not chk.has_problem_under(f"{section}.scenes."):
+      try:
+        build.scene_config(chk.config[section])
+      except ValueError as e:
+        chk.add(f"{section}.scenes", str(e))
   elif path == "":
     chk.add(f"{section}.path", f"is empty; source {source!r} reads its samples from a path")
 

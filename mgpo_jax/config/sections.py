@@ -21,6 +21,7 @@ from mgpo_jax import rl
 from mgpo_jax import sampling
 from mgpo_jax.config.fields import Checker, field, to_config_dict
 from mgpo_jax.data import readers
+from mgpo_jax.data import scenes
 from mgpo_jax.data import synthetic
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, VisionConfig
 from mgpo_jax.parallel import sharding
@@ -155,6 +156,21 @@ class Synthetic:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scenes:
+  """mgpo_jax.data.scenes.SceneConfig's fields (n scene questions from `seed`): the laptop-scale task."""
+
+  n: int = field(1024, lo=1)
+  seed: int = field(0, lo=0)
+  input_side: int = field(scenes.SceneConfig.input_side, lo=28)
+  scale: int = field(scenes.SceneConfig.scale, lo=1)
+  num_objects: int = field(scenes.SceneConfig.num_objects, lo=2, hi=len(scenes.COLORS))
+  object_side: int = field(scenes.SceneConfig.object_side, lo=29)
+  dot_side: int = field(scenes.SceneConfig.dot_side, lo=1)
+  lattice: int = field(scenes.SceneConfig.lattice, lo=1)
+  jitter: int = field(scenes.SceneConfig.jitter, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Data:
   """The training data."""
 
@@ -162,6 +178,7 @@ class Data:
   path: str = ""  # JSONL file, JSON list or V* root.
   image_root: str = ""  # MME-RealWorld images; "" = the folder of `path`.
   synthetic: Synthetic = Synthetic(n=1024, seed=0)
+  scenes: Scenes = Scenes(n=1024, seed=0)
   tfds_data_dir: str = ""  # Built ArrayRecord dataset; "" = <workdir>/tfds.
   tfds_name: str = "mme_realworld"  # Builder config name (one per source/paths).
   split: str = "train"
@@ -199,6 +216,10 @@ class Rollout:
   sampling_batch_size: int = field(0, lo=0)  # Prompts decoded together (their n samples each); 0 = all.
   lenient_bbox: bool = False  # Strict protocol parsing (ints, string label).
   single_turn: bool = False  # True: the single-turn GRPO baseline (no grounding turn).
+  # True: the random-crop control. A valid turn-1 box is replaced, before cropping, by the box of a
+  # random object of the sample (its object_boxes) or, without them, of a random 3x3 grid cell; the
+  # conversation, masks and loss are otherwise MGPO's. MGPO minus this is what grounding earns.
+  random_crop: bool = False
   prompt_style: str = field("paper", choices=prompts.PROMPT_STYLES)  # "paper" or "short" (terse texts).
   reward: str = field("exact_match", choices=reward.REWARD_FNS)
   # A turn cut at its JSON block or the token limit is closed with <|im_end|> by the host; keep
@@ -275,6 +296,7 @@ class Eval:
   path: str = ""
   image_root: str = ""
   synthetic: Synthetic = Synthetic(n=64, seed=1)
+  scenes: Scenes = Scenes(n=96, seed=1)
   num_samples: int = field(0, lo=0)  # 0 = all.
   greedy: bool = True
   batch_size: int = field(64, lo=1)  # Prompts per evaluation batch.

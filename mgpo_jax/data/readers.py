@@ -37,6 +37,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
+from mgpo_jax.data import scenes
 from mgpo_jax.data import schema
 from mgpo_jax.data import synthetic
 
@@ -44,6 +45,7 @@ from mgpo_jax.data import synthetic
 class SourceKind(enum.StrEnum):
   JSONL = "jsonl"
   SYNTHETIC = "synthetic"
+  SCENES = "scenes"
   VSTAR = "vstar"
   MME_REALWORLD = "mme_realworld"
 
@@ -106,6 +108,12 @@ def read_synthetic(
 ) -> Iterator[schema.Sample]:
   """`n` generated samples (see `synthetic.iter_split`)."""
   return synthetic.iter_split(n, seed, config)
+
+
+@register_reader(SourceKind.SCENES)
+def read_scenes(n: int, seed: int, config: scenes.SceneConfig = scenes.SceneConfig()) -> Iterator[schema.Sample]:
+  """`n` generated scene questions (see `scenes.iter_split`): the laptop-scale task."""
+  return scenes.iter_split(n, seed, config)
 
 
 def _answer_letter(answer: Any, choices: list[str], where: str) -> str:

@@ -4,11 +4,14 @@ A *sample* is one multiple-choice visual question:
 
   {"id": str, "question": str, "choices": list[str], "answer": str (option letter),
    "image": bytes (encoded PNG/JPEG)  OR  "image_path": str,
-   "category": str, optional "target_box": [x1, y1, x2, y2]}
+   "category": str, optional "target_box": [x1, y1, x2, y2],
+   optional "object_boxes": [[x1, y1, x2, y2], ...]}
 
 `choices` hold the option texts WITHOUT their "(A) " prefixes; the letter of choice i is
 `OPTION_LETTERS[i]`. `target_box` is in original-image pixels with exclusive right/bottom edges;
-it exists only for analysis and visualisation — training never reads it.
+it exists only for analysis and visualisation — training never reads it. `object_boxes` (the same
+units) are the boxes of every object of a synthetic scene, for the random-crop control
+(`rollout.random_crop`), at most `MAX_OBJECTS`.
 
 After the pipeline decodes the image, a *decoded sample* carries `"image": PIL.Image` (RGB) instead.
 """
@@ -30,6 +33,7 @@ IMAGE = "image"
 IMAGE_PATH = "image_path"
 CATEGORY = "category"
 TARGET_BOX = "target_box"
+OBJECT_BOXES = "object_boxes"
 
 REQUIRED_FIELDS = (ID, QUESTION, CHOICES, ANSWER, CATEGORY)
 OPTION_LETTERS = "ABCDEFGHIJ"
@@ -37,6 +41,8 @@ MIN_CHOICES = 2
 
 # TFDS stores a missing target_box as this sentinel (features cannot be optional).
 NO_BOX = (-1, -1, -1, -1)
+# object_boxes are stored as MAX_OBJECTS rows, padded with NO_BOX.
+MAX_OBJECTS = 8
 
 
 class Category(enum.StrEnum):
@@ -61,6 +67,7 @@ class Sample(_SampleBase, total=False):
   image: bytes
   image_path: str
   target_box: list[int]
+  object_boxes: list[list[int]]
 
 
 class DecodedSample(_SampleBase, total=False):
@@ -69,6 +76,7 @@ class DecodedSample(_SampleBase, total=False):
   image: Image.Image
   image_path: str
   target_box: list[int]
+  object_boxes: list[list[int]]
 
 
 def letter(index: int) -> str:
@@ -136,6 +144,14 @@ def normalize_sample(record: Mapping[str, Any]) -> Sample:
       raise ValueError(f"sample {rid}: {TARGET_BOX!r} must have 4 values, got {len(box)}")
     if tuple(box) != NO_BOX:
       out[TARGET_BOX] = box
+  objects = record.get(OBJECT_BOXES)
+  if objects is not None:
+    rows = np.asarray(objects, np.int64).reshape(-1, 4) if len(objects) else np.zeros((0, 4), np.int64)
+    if len(rows) > MAX_OBJECTS:
+      raise ValueError(f"sample {rid}: {OBJECT_BOXES!r} holds {len(rows)} boxes, more than {MAX_OBJECTS}")
+    kept = [[int(v) for v in r] for r in rows if tuple(r) != NO_BOX]
+    if kept:
+      out[OBJECT_BOXES] = kept
   return out
 
 

@@ -63,6 +63,7 @@ def _features() -> tfds.features.FeaturesDict:
       schema.CATEGORY: tfds.features.Text(),
       schema.IMAGE: tfds.features.Tensor(shape=(), dtype=np.object_),
       schema.TARGET_BOX: tfds.features.Tensor(shape=(4,), dtype=np.int32),
+      schema.OBJECT_BOXES: tfds.features.Tensor(shape=(schema.MAX_OBJECTS, 4), dtype=np.int32),
   })
 
 
@@ -86,14 +87,27 @@ def _example(sample: schema.Sample) -> dict[str, Any] | None:
       schema.CATEGORY: sample[schema.CATEGORY],
       schema.IMAGE: data,
       schema.TARGET_BOX: np.asarray(sample.get(schema.TARGET_BOX, schema.NO_BOX), dtype=np.int32),
+      schema.OBJECT_BOXES: _object_boxes(sample),
   }
+
+
+def _object_boxes(sample: schema.Sample) -> np.ndarray:
+  """The sample's object boxes as MAX_OBJECTS rows, padded with NO_BOX (TFDS shapes are static)."""
+  out = np.tile(np.asarray(schema.NO_BOX, np.int32), (schema.MAX_OBJECTS, 1))
+  boxes = sample.get(schema.OBJECT_BOXES) or []
+  if len(boxes) > schema.MAX_OBJECTS:
+    raise ValueError(f"sample {sample[schema.ID]}: {len(boxes)} object boxes, more than {schema.MAX_OBJECTS}")
+  for i, b in enumerate(boxes):
+    out[i] = b
+  return out
 
 
 class MgpoDataset(tfds.core.GeneratorBasedBuilder):
   """MGPO multiple-choice visual questions (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: encoded image bytes + question, choices, answer."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: encoded image bytes + question, choices, answer.",
+                   "1.1.0": "object_boxes (the scenes' objects, for the random-crop control)."}
 
   # TFDS finds a builder's source file through `importlib_resources`, a backport that is not
   # installed here; point it at this file directly (it looks for a checksums file beside it).

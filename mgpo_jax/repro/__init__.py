@@ -1,3 +1,3 @@
-"""MGPO vs GRPO at laptop scale (`python -m mgpo_jax.repro`): the comparison driver (`__main__.py`), the
-warm-up rows it trains before RL (`warmup.py`), and a localisation diagnostic (`python -m
-mgpo_jax.repro.probe`). A program: no library module imports from here."""
+"""MGPO vs GRPO vs a random-crop control at laptop scale (`python -m mgpo_jax.repro`): the comparison
+driver (`__main__.py`), the recipe of the tiny pretrained base it starts from (`pretrain.py`, the base
+itself in `base/`), and what that base can do (`gates.py`). Programs: no library module imports from here."""

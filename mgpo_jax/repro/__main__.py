@@ -1,22 +1,21 @@
-"""MGPO vs single-turn GRPO at laptop scale: warm-up, both RL runs per seed, results and plot.
+"""MGPO vs single-turn GRPO vs the random-crop control at laptop scale, from the tiny pretrained base.
 
-  python -m mgpo_jax.repro --config=configs/repro_synthetic.py --workdir=/tmp/mgpo_repro
+  python -m mgpo_jax.repro --config=configs/repro_scenes.py --workdir=/tmp/mgpo_repro
 
 <workdir>/
-  tokenizer/                 BPE trained on the task's texts (shared by every run)
+  base_gates.json            what the base can do (`gates.py`), measured once
   tfds/                      the RL training set (built once)
-  seed<k>/sft/               warm-up: metrics.jsonl, Orbax params, hf/ (the RL runs' starting point)
-  seed<k>/mgpo/, seed<k>/grpo/   ordinary `mgpo_jax.main` workdirs (metrics.jsonl, checkpoints, ...)
+  seed<k>/mgpo/, seed<k>/grpo/, seed<k>/control/   ordinary `mgpo_jax.main` workdirs
   results.json, results.md, curves.png
 
-Every stage is skipped when its output exists, and the RL runs resume from their checkpoints, so the
-same command continues an interrupted comparison.
+Every arm of every seed starts from the same base (`repro.base_dir`, default the committed
+mgpo_jax/repro/base). Every stage is skipped when its output exists, and the RL runs resume from their
+checkpoints, so the same command continues an interrupted comparison.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -24,118 +23,33 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mgpo_jax import config as config_lib
-from mgpo_jax.data import schema
-from mgpo_jax.data import synthetic
-from mgpo_jax.io import metrics as metrics_lib
-from mgpo_jax.learner import optim
-from mgpo_jax.learner import sft
-from mgpo_jax.models.qwen2_5_vl import checkpoint as ckpt_lib
-from mgpo_jax.models.qwen2_5_vl import params as params_lib
-from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
-from mgpo_jax.programs import experiment
 from mgpo_jax.programs import train as train_program
-from mgpo_jax.repro import warmup as warmup_lib
+from mgpo_jax.repro import gates as gates_lib
+from mgpo_jax.repro import pretrain
 from mgpo_jax.repro.config import METHODS, Repro
-from mgpo_jax.rollout import prompts as prompts_lib
-from mgpo_jax.rollout import trajectory as traj_lib
 
 logger = logging.getLogger(__name__)
 
 
-
-# ------------------------------------------------------------------------------------------------
-# Tokenizer and warm-up.
-# ------------------------------------------------------------------------------------------------
+def base_dir(config: Any) -> str:
+  return config.repro.base_dir or pretrain.BASE_DIR
 
 
-def task_corpus(config: Any) -> list[str]:
-  """Texts the task's tokenizer is trained on: the prompts, questions, options and answer formats."""
-  texts = list(tok_lib.default_corpus())
-  for p in (prompts_lib.prompt_style(config.rollout.prompt_style), prompts_lib.PromptConfig()):
-    texts += [p.system_prompt, p.grounding_request, p.crop_intro_template, p.invalid_box_intro, p.analyse_crop,
-              p.analyse_original, p.answer_format_choices, p.single_turn_system_prompt]
-  for s in synthetic.iter_split(16, 0, config_lib.synthetic_config(config.data)):
-    texts.append(prompts_lib.single_turn_messages(s["question"], s["choices"], prompts_lib.PromptConfig())[1]
-                 ["content"][1]["text"])
-  for letter in schema.OPTION_LETTERS[:config.data.synthetic.num_choices]:
-    texts.append(warmup_lib.answer_text(letter))
-  for x in range(0, 225, 25):
-    texts.append(warmup_lib.box_text((x, x, x + 75, x + 75), config.repro.box_label))
-  return texts * 3  # BPE merges need repeated pairs
-
-
-def build_tokenizer(config: Any, workdir: str):
-
-  path = os.path.join(workdir, "tokenizer")
-  tok_lib.build_tokenizer_once(path, vocab_size=config.model.tokenizer_vocab_size, corpus=task_corpus(config))
-  return tok_lib.load_tokenizer(path), path
-
-
-def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str) -> str:
-  """Supervised warm-up from a random init; returns the HF export directory (skipped if it exists)."""
-  hf_dir = os.path.join(out_dir, "hf")
-  if os.path.isfile(os.path.join(hf_dir, "config.json")):
-    return hf_dir
-  s = config.repro.sft
-  model_cfg = experiment.build_model_config(config, tokenizer)
-  rollout_cfg = config_lib.rollout_config(config)
-  base_cfg = warmup_lib.WarmupData(box_grid=s.box_grid, close_up_min_side=s.close_up_min_side,
-                                   single_turn_view=s.single_turn_view)
-  # (rows' settings, steps, sequence bucket, patch bucket) per stage: an optional perception stage of
-  # cheap one-image close-up rows first (see the config), then the mix of all row kinds.
-  stages = [(dataclasses.replace(base_cfg, mix=(0.0, 0.0, 1.0), single_turn_view="close_up"),
-             s.perception_steps, s.perception_seq_bucket, s.perception_patch_bucket),
-            (dataclasses.replace(base_cfg, mix=tuple(s.mix)), s.steps, s.seq_bucket, s.patch_bucket)]
-  total = s.perception_steps + s.steps
-  t0 = time.perf_counter()
-  samples = warmup_lib.decoded(
-      synthetic.iter_split(s.num_samples, s.data_seed + seed, config_lib.synthetic_config(config.data)),
-      config.data.max_image_pixels)
-  logger.info("seed %d warm-up: %d samples generated in %.0f s", seed, len(samples), time.perf_counter() - t0)
-
-  tx = optim.make_optimizer(optim.OptimConfig(
-      learning_rate=s.learning_rate, weight_decay=config.optim.weight_decay,
-      grad_clip_norm=config.optim.grad_clip_norm or None, schedule=optim.Schedule.COSINE,
-      warmup_steps=min(s.warmup_steps, total - 1), total_steps=total, min_lr_ratio=s.min_lr_ratio))
-  trainer = sft.SFTTrainer(params_lib.init_model(model_cfg, seed=seed), tx, config.rl.logprob_chunk_size)
-  rng = np.random.default_rng([seed, s.data_seed])
-  pad_id = tokenizer.pad_token_id
-
-  def next_batch(data_cfg, seq_bucket, patch_bucket):
-    idx = rng.integers(len(samples), size=s.batch_size)
-    rows = warmup_lib.build_rows([samples[i] for i in idx], warmup_lib.draw_kinds(s.batch_size, data_cfg, rng),
-                                 tokenizer, model_cfg, rollout_cfg, data_cfg, rng)
-    return traj_lib.to_train_batch(rows, list(range(len(rows))), seq_bucket=seq_bucket,
-                                   patch_bucket=patch_bucket, max_images=2, pad_id=pad_id,
-                                   vision_cfg=model_cfg.vision, max_turns=2, image_token_id=model_cfg.image_token_id)
-
-  writer = metrics_lib.MetricsWriter(out_dir, total_steps=total, tensorboard=False)
-  pending, step = None, 0
-  try:
-    for data_cfg, steps, seq_bucket, patch_bucket in stages:
-      for _ in range(steps):
-        step += 1
-        batch = next_batch(data_cfg, seq_bucket, patch_bucket)  # overlaps the previous (async) update
-        metrics = trainer.dispatch(batch)
-        if pending is not None:
-          writer.write_scalars(step - 1, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
-        pending = metrics
-    if pending is not None:
-      writer.write_scalars(step, {f"sft/{k}": float(v) for k, v in jax.device_get(pending).items()})
-  finally:
-    writer.close()
-  root = os.path.join(out_dir, "checkpoints")
-  ckpt_lib.save_params(root, trainer.params(), model_cfg.to_hf_dict(), step=total, assets_from=tokenizer_path)
-  ckpt_lib.export_hf(root, hf_dir, overwrite=True)
-  logger.info("seed %d warm-up: %d steps in %.0f s -> %s", seed, total, time.perf_counter() - t0, hf_dir)
-  return hf_dir
+def base_gates(config: Any, workdir: str) -> dict[str, Any]:
+  """The base's gates on held-out scenes (measured once per workdir)."""
+  path = os.path.join(workdir, "base_gates.json")
+  if not os.path.isfile(path):
+    out = gates_lib.measure_dir(base_dir(config), num=config.repro.gates_num)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=1)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +58,7 @@ def warmup(config: Any, seed: int, tokenizer, tokenizer_path: str, out_dir: str)
 
 
 def rl_config(config: Any, method: str, seed: int, hf_dir: str, tfds_dir: str):
-  """The RL run of `method` from the warm-up in `hf_dir` (a copy of `config`)."""
+  """The RL run of `method` from the base in `hf_dir` (a copy of `config`)."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
   c = copy.deepcopy(config)
@@ -153,7 +67,7 @@ def rl_config(config: Any, method: str, seed: int, hf_dir: str, tfds_dir: str):
     c.model.init = "hf"
     c.model.hf_dir = hf_dir
     c.model.tokenizer = "hf_dir"
-    c.rollout.single_turn = METHODS[method]
+    c.rollout.single_turn, c.rollout.random_crop = METHODS[method]
     c.train.seed = seed
     c.data.tfds_data_dir = tfds_dir
   return c
@@ -164,12 +78,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config_lib.validate(config, extra_sections={"repro": Repro})
-  tokenizer, tok_path = build_tokenizer(config, workdir)
-  timings = {}
+  hf_dir = base_dir(config)
+  t0 = time.perf_counter()
+  gates = base_gates(config, workdir)
+  timings = {"base_gates": time.perf_counter() - t0}
   for seed in config.repro.seeds:
-    t0 = time.perf_counter()
-    hf_dir = warmup(config, seed, tokenizer, tok_path, os.path.join(workdir, f"seed{seed}", "sft"))
-    timings[f"seed{seed}/sft"] = time.perf_counter() - t0
     for method in config.repro.methods:
       t0 = time.perf_counter()
       run_dir = os.path.join(workdir, f"seed{seed}", method)
@@ -177,6 +90,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       train_program.train(rl_config(config, method, seed, hf_dir, os.path.join(workdir, "tfds")), run_dir)
       timings[f"seed{seed}/{method}"] = time.perf_counter() - t0
   summary = summarize(workdir, config.repro.seeds, config.repro.methods)
+  summary["base_gates"] = gates
   summary["stage_seconds_this_invocation"] = timings
   write_results(workdir, summary)
   return summary
@@ -219,17 +133,24 @@ def summarize(workdir: str, seeds: Sequence[int], methods: Sequence[str]) -> dic
           "eval/target_hit_rate", "eval/valid_box_rate")}
       steps, acc = curves[str(seed)]["eval/accuracy"]
       time_s = sum(r.get("time/step_s", 0.0) for r in rows)
+      hit_steps, hit = curves[str(seed)]["eval/target_hit_rate"]
       per_seed.append({"seed": seed, "initial_accuracy": acc[0] if steps and steps[0] == 0 else None,
                        "final_accuracy": acc[-1] if acc else None, "final_step": steps[-1] if steps else None,
-                       "train_seconds": time_s})
+                       "initial_target_hit": hit[0] if hit_steps and hit_steps[0] == 0 else None,
+                       "final_target_hit": hit[-1] if hit else None, "train_seconds": time_s})
     finals = [p["final_accuracy"] for p in per_seed if p["final_accuracy"] is not None]
     initials = [p["initial_accuracy"] for p in per_seed if p["initial_accuracy"] is not None]
+    hits = {k: [p[f"{k}_target_hit"] for p in per_seed if p[f"{k}_target_hit"] is not None]
+            for k in ("initial", "final")}
     out["methods"][method] = {"per_seed": per_seed, "final_accuracy": _mean_std(finals),
-                              "initial_accuracy": _mean_std(initials), "curves": curves}
-  if {"mgpo", "grpo"} <= set(out["methods"]):  # paired by seed: both start from that seed's warm-up
-    final = {m: {p["seed"]: p["final_accuracy"] for p in out["methods"][m]["per_seed"]} for m in ("mgpo", "grpo")}
-    both = [k for k in seeds if final["mgpo"].get(k) is not None and final["grpo"].get(k) is not None]
-    out["mgpo_minus_grpo"] = _mean_std([final["mgpo"][k] - final["grpo"][k] for k in both])
+                              "initial_accuracy": _mean_std(initials), "curves": curves,
+                              "initial_target_hit": _mean_std(hits["initial"]),
+                              "final_target_hit": _mean_std(hits["final"])}
+  final = {m: {p["seed"]: p["final_accuracy"] for p in v["per_seed"]} for m, v in out["methods"].items()}
+  for other in ("grpo", "control"):  # paired by seed: the same base and sampling seed
+    if {"mgpo", other} <= set(final):
+      both = [k for k in seeds if final["mgpo"].get(k) is not None and final[other].get(k) is not None]
+      out[f"mgpo_minus_{other}"] = _mean_std([final["mgpo"][k] - final[other][k] for k in both])
   return out
 
 
@@ -249,16 +170,29 @@ def _first_last(curves: Mapping[str, Any], key: str) -> str:
 
 def results_markdown(summary: Mapping[str, Any]) -> str:
   lines = [f"Seeds: {', '.join(map(str, summary['seeds']))}. Accuracy in %: mean ± std over seeds (per seed).", "",
-           "| method | eval accuracy, start | eval accuracy, end | train reward (first → last step) | "
-           "valid box (first → last) | box finds the target (first → last) |",
-           "|---|---|---|---|---|---|"]
+           "| method | eval accuracy, start | eval accuracy, end | eval target hit, start → end | "
+           "train reward (first → last step) | valid box (first → last) | rollout target hit (first → last) |",
+           "|---|---|---|---|---|---|---|"]
   for method, m in summary["methods"].items():
     c = m["curves"]
-    lines.append(f"| {method} | {_fmt(m['initial_accuracy'])} | {_fmt(m['final_accuracy'])} | "
+    hit = "n/a" if not m["final_target_hit"]["values"] else (
+        f"{m['initial_target_hit']['mean']:.2f} → {m['final_target_hit']['mean']:.2f}  "
+        f"({', '.join(f'{v:.2f}' for v in m['final_target_hit']['values'])})")
+    lines.append(f"| {method} | {_fmt(m['initial_accuracy'])} | {_fmt(m['final_accuracy'])} | {hit} | "
                  f"{_first_last(c, 'train/reward_mean')} | {_first_last(c, 'rollout/valid_box_rate')} | "
                  f"{_first_last(c, 'rollout/target_hit_rate')} |")
-  if summary.get("mgpo_minus_grpo", {}).get("values"):
-    lines += ["", f"MGPO − GRPO, final eval accuracy of the same seed, in points: {_fmt(summary['mgpo_minus_grpo'])}."]
+  for other, name in (("grpo", "GRPO"), ("control", "the random-crop control")):
+    d = summary.get(f"mgpo_minus_{other}", {})
+    if d.get("values"):
+      lines += ["", f"MGPO − {name}, final eval accuracy of the same seed, in points: {_fmt(d)}; "
+                    f"mean − 2 std = {100 * (d['mean'] - 2 * d['std']):.1f}."]
+  g = summary.get("base_gates")
+  if g:
+    lines += ["", f"The base on {g['num_scenes']} held-out scenes: referring box IoU >= 0.5 on "
+                  f"{100 * g['refer_iou50']:.1f}%, dot read on a close-up {100 * g['close_up_acc']:.1f}%, "
+                  f"single-turn on the full image {100 * g['full_image_acc']:.1f}% (chance "
+                  f"{100 * g['chance']:.0f}%); MGPO at step 0: valid box {100 * g['mgpo_valid_box']:.1f}%, "
+                  f"target hit {100 * g['mgpo_target_hit']:.1f}%, accuracy {100 * g['mgpo_acc']:.1f}%."]
   return "\n".join(lines) + "\n"
 
 
@@ -272,9 +206,10 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   panels = [("eval/accuracy", "eval accuracy (greedy)"), ("train/reward_mean", "train reward (mean of rollouts)"),
-            ("rollout/valid_box_rate", "MGPO rollouts: valid box / box finds the target")]
+            ("eval/valid_box_rate", "eval (greedy): valid box / box holds the target"),
+            ("rollout/valid_box_rate", "rollouts: valid box / box holds the target")]
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
-  colors = {"mgpo": "tab:red", "grpo": "tab:blue"}
+  colors = {"mgpo": "tab:red", "grpo": "tab:blue", "control": "tab:green"}
 
   def band(ax, curves, key, label, color, style="-"):
     runs = [c[key] for c in curves.values() if c.get(key) and c[key][0]]
@@ -289,9 +224,9 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
   for ax, (key, title) in zip(axes, panels):
     for method, m in summary["methods"].items():
       color = colors.get(method, None)
-      if key == "rollout/valid_box_rate":
+      if key.endswith("/valid_box_rate"):
         band(ax, m["curves"], key, f"{method} valid box", color)
-        band(ax, m["curves"], "rollout/target_hit_rate", f"{method} box finds target", color, "--")
+        band(ax, m["curves"], key.replace("valid_box_rate", "target_hit_rate"), f"{method} target hit", color, "--")
       else:
         band(ax, m["curves"], key, method, color)
     ax.set_title(title, fontsize=10)
@@ -322,7 +257,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_synthetic.py", "Comparison config.",
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_scenes.py", "Comparison config.",
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the comparison.", required=True)
   app.run(main)

@@ -75,6 +75,10 @@ class RolloutConfig:
   banned_tokens: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
   train_on_forced_close: bool = True
   host_workers: int = 8
+  # The random-crop control: a valid first box is replaced, before cropping, by the box of a random
+  # object of the sample (`object_boxes`) or, without them, of a random cell of a 3 x 3 grid. The model's
+  # own box stays in the trajectory (masks, loss and target_hit are about what it sampled).
+  random_crop: bool = False
 
   def __post_init__(self):
     if self.max_turns < 1 or (self.mode == RolloutMode.MGPO and self.max_turns < 2):
@@ -134,6 +138,8 @@ class _Row:
   box_reasons: list[str] = dataclasses.field(default_factory=list)
   stop_reasons: list[int] = dataclasses.field(default_factory=list)
   forced_close: list[bool] = dataclasses.field(default_factory=list)
+  crop_boxes: list[Any] = dataclasses.field(default_factory=list)  # the box each crop was cut from
+  crop_rng: np.random.Generator | None = None  # random_crop only: the row's own draws
   reward: float = 0.0
   next_chunk: np.ndarray | None = None
 
@@ -233,17 +239,19 @@ class RolloutEngine:
     w_in, h_in = row.input_size
     res = parse_lib.parse_bbox(text, w_in, h_in, lenient=cfg.lenient_parse)
     valid, why, image = res.valid, res.reason.value, row.original
+    crop_box = random_crop_box(row) if valid and cfg.random_crop else res.box
     if valid:
       try:
-        image = crop_lib.crop_original(row.original, res.box, row.input_size)
+        image = crop_lib.crop_original(row.original, crop_box, row.input_size)
       except ValueError:  # the box maps to an empty region of a small original
         valid, why = False, "empty_crop"
     row.boxes.append(res.box)
+    row.crop_boxes.append(crop_box if valid else None)
     row.box_valid.append(valid)
     row.box_reasons.append(why)
     pv, grid = preprocess_image(image, cfg.image)
     s = row.sample
-    message = prompts_lib.followup_user_message(s["question"], s.get("choices"), res.box if valid else None,
+    message = prompts_lib.followup_user_message(s["question"], s.get("choices"), crop_box if valid else None,
                                                 valid, cfg.prompts, is_last_turn=turn + 1 == cfg.num_turns - 1)
     chunk = self._followup_chunk(row, message, grid)
     row.messages = row.messages + [{"role": "assistant", "content": text}, message]
@@ -285,6 +293,9 @@ class RolloutEngine:
       timings.host_s.append(time.perf_counter() - t0)
 
       row_keys = _row_keys(rng, np.asarray([(_sample_uid(row), row.generation_index) for row in rows], np.uint32))
+      if cfg.random_crop:  # each row draws its control crops from its own key, like its tokens
+        for row, bits in zip(rows, np.asarray(jax.random.key_data(row_keys)).reshape(len(rows), -1)):
+          row.crop_rng = np.random.default_rng(bits.tolist())
       conv = None
       for turn in range(cfg.num_turns):
         is_last = turn == cfg.num_turns - 1
@@ -315,7 +326,7 @@ class RolloutEngine:
     return Trajectory(
         token_ids=np.concatenate(row.ids), turn_mask=np.concatenate(row.mask), logprobs=np.concatenate(row.logp),
         turn_spans=row.spans, images=row.images, pixel_values=row.pixel_values, image_grids=row.grids,
-        texts=row.texts, boxes=row.boxes, box_valid=row.box_valid, box_reasons=row.box_reasons,
+        texts=row.texts, boxes=row.boxes, crop_boxes=row.crop_boxes, box_valid=row.box_valid, box_reasons=row.box_reasons,
         stop_reasons=row.stop_reasons, forced_close=row.forced_close, reward=row.reward,
         target_hit=_target_hit(row), sample_index=row.sample_index, generation_index=row.generation_index)
 
@@ -333,6 +344,18 @@ def _target_hit(row: _Row) -> float | None:
     return 0.0
   cover = crop_lib.target_coverage(row.boxes[0], row.input_size, row.original.size, target)
   return float(cover >= TARGET_HIT_COVERAGE)
+
+
+def random_crop_box(row: _Row) -> tuple[int, int, int, int]:
+  """The random-crop control's box (input pixels): a random object of the sample, its box rounded
+  outwards, or a random cell of a 3 x 3 grid when the sample has no object boxes."""
+  (w_in, h_in), (w, h) = row.input_size, row.original.size
+  objects = row.sample.get(schema.OBJECT_BOXES) or []
+  if objects:
+    x1, y1, x2, y2 = objects[int(row.crop_rng.integers(len(objects)))]
+    return (int(x1 * w_in // w), int(y1 * h_in // h), min(w_in, -(-x2 * w_in // w)), min(h_in, -(-y2 * h_in // h)))
+  i, j = (int(v) for v in row.crop_rng.integers(3, size=2))
+  return (i * w_in // 3, j * h_in // 3, (i + 1) * w_in // 3, (j + 1) * h_in // 3)
 
 
 def _sample_uid(row: _Row) -> int:

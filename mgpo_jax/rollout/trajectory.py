@@ -38,6 +38,9 @@ class Trajectory:
   image_grids: list[np.ndarray]         # int [3] per image
   texts: list[str]                      # the model's text per turn (its tokens without the closing token)
   boxes: list[tuple[int, int, int, int] | None] = dataclasses.field(default_factory=list)  # per grounding turn
+  # The box each turn's crop was cut from (None: no crop); the model's box except under the
+  # random-crop control (RolloutConfig.random_crop).
+  crop_boxes: list[tuple[int, int, int, int] | None] = dataclasses.field(default_factory=list)
   box_valid: list[bool] = dataclasses.field(default_factory=list)
   box_reasons: list[str] = dataclasses.field(default_factory=list)
   stop_reasons: list[int] = dataclasses.field(default_factory=list)  # sampling.StopReason per turn

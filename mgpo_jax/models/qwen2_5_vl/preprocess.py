@@ -115,6 +115,28 @@ class ImageProcessorConfig:
     def replace(self, **kw) -> ImageProcessorConfig:
         return dataclasses.replace(self, **kw)
 
+    def to_hf_dict(self) -> dict:
+        """`preprocessor_config.json` of transformers' Qwen2VLImageProcessor for these settings (the
+        inverse of `from_pretrained`)."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor",
+            **_FIXED_HF_OPTIONS,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Writes `out_dir/preprocessor_config.json`."""
+        with open(os.path.join(os.fspath(out_dir), _PREPROCESSOR_CONFIG), "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
+
 
 def _first_set(*values):
     return next((v for v in values if v is not None), None)
