@@ -149,8 +149,11 @@ def run_benchmark(engine, records: Iterable[Mapping[str, Any]], *, grader: gradi
 
   def flush():
     if batch:
-      result = engine.run(batch, rng)
-      run.predictions.extend(_prediction(tr, batch[tr.sample_index], grader, patch) for tr in result.trajectories)
+      # A short last batch is filled up with copies of its last question (their rollouts dropped): the
+      # sampler compiles per number of rows, and a recompile costs more than the spare rows.
+      result = engine.run(batch + [batch[-1]] * (batch_size - len(batch)), rng)
+      run.predictions.extend(_prediction(tr, batch[tr.sample_index], grader, patch)
+                             for tr in result.trajectories if tr.sample_index < len(batch))
       batch.clear()
 
   for i, record in enumerate(records):
