@@ -61,6 +61,25 @@ def test_vstar_test_questions_jsonl_release(tmp_path):
   assert list(B.read_vstar(tmp_path / "test_questions.jsonl")) == got
 
 
+def test_vstar_lmms_lab_parquet(tmp_path):
+  """lmms-lab/vstar-bench: the lettered text and label, the image as an HF image struct."""
+  F.write_vstar(tmp_path / "v")
+  rows = [json.loads(l) for l in open(tmp_path / "v" / "test_questions.jsonl")]
+  table = pa.Table.from_pylist(
+      [{"image": {"bytes": F.image(64, 48, i), "path": r["image"]}, "text": r["text"], "label": r["label"],
+        "question_id": r["question_id"], "category": r["category"]} for i, r in enumerate(rows)],
+      schema=pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string()),
+                        ("label", pa.string()), ("question_id", pa.int64()), ("category", pa.string())]))
+  pq.write_table(table, tmp_path / "test-00000-of-00001.parquet")
+  got = list(B.read_vstar(tmp_path / "test-00000-of-00001.parquet"))
+  want = list(B.read_vstar(tmp_path / "v"))
+  assert _ids(got) == ["vstar/direct_attributes/0", "vstar/direct_attributes/1", "vstar/relative_position/2"]
+  for g, w in zip(got, want):
+    assert (g[schema.CHOICES], g[schema.ANSWER], g[schema.QUESTION]) == (w[schema.CHOICES], w[schema.ANSWER],
+                                                                          w[schema.QUESTION])
+  assert got[0][schema.IMAGE] == F.image(64, 48, 0)
+
+
 def test_vstar_bad_rows_are_skipped_and_counted(tmp_path):
   F.write_vstar(tmp_path)
   with open(tmp_path / "test_questions.jsonl", "a") as f:
