@@ -128,6 +128,8 @@ def test_hrbench_bad_base64_and_letter_are_counted(tmp_path):
   got = list(B.read_hrbench(path, bad_rows=bad))
   assert len(got) == 6 and [r["reason"][:20] for r in bad.rows] == ["undecodable base64 i", "answer 'F' is neithe"]
   assert isinstance(pipeline.DecodeImage().decode(got[1]), str)
+  wrapped = F.b64(F.image(32, 16, 7))
+  assert B.image_bytes("\n".join(wrapped[i:i + 76] for i in range(0, len(wrapped), 76))) == F.image(32, 16, 7)
 
 
 # ------------------------------------------------------------------------------------------------ MME-RealWorld

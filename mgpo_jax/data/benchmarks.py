@@ -144,6 +144,8 @@ def image_bytes(value: Any) -> bytes:
   try:
     return base64.b64decode(value, validate=True)
   except (binascii.Error, ValueError, TypeError) as e:
+    if isinstance(value, (str, bytes)) and len(value.split()) > 1:  # wrapped lines: drop the whitespace
+      return image_bytes(type(value)().join(value.split()))
     raise _Skip(f"undecodable base64 image ({e})") from None
 
 
