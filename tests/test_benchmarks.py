@@ -249,3 +249,20 @@ def test_table_columns_follow_the_papers_order():
   with pytest.raises(ValueError, match="unknown benchmark"):
     suite.parse_benchmarks("vstar,hrbench4k")
   assert suite.parse_paths("vstar=/a,hrbench_8k=/b.tsv") == {"vstar": "/a", "hrbench_8k": "/b.tsv"}
+
+
+def test_config_selects_the_new_sources():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from mgpo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.source, c.data.path, c.data.path_prefix = "mgpo_parquet", "/d/train.parquet", "/mnt/a=/data/b"
+  c.eval.source, c.eval.path = "hrbench", "/d/hr_bench_4k.tsv"
+  config_lib.validate(c)
+  assert config_lib.reader_kwargs(c.data) == {"path": "/d/train.parquet", "path_prefix": "/mnt/a=/data/b"}
+  assert config_lib.reader_kwargs(c.eval) == {"path": "/d/hr_bench_4k.tsv"}
+  c.data.path_prefix = "/mnt/a"
+  with pytest.raises(config_lib.ConfigError, match=r"data.path_prefix: '/mnt/a' is not 'OLD=NEW'"):
+    config_lib.validate(c)

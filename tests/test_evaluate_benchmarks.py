@@ -17,7 +17,8 @@ from PIL import Image
 from mgpo_jax.eval import grading, suite
 from mgpo_jax.eval import table as table_lib
 from mgpo_jax.rollout.trajectory import Trajectory
-from mgpo_jax.tokenizer import build_tokenizer, special_token_ids
+from mgpo_jax.models.qwen2_5_vl.chat import special_token_ids
+from mgpo_jax.models.qwen2_5_vl.tokenizer import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("vstar", "hrbench_4k", "hrbench_8k", "mme_realworld_lite", "mgpo_val")
