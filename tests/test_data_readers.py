@@ -1,4 +1,5 @@
-"""Tests of the local dataset readers (JSONL, V* Bench style, MME-RealWorld style)."""
+"""Tests of the local dataset readers (JSONL, V* Bench style, MME-RealWorld style); the released
+layouts are tested in test_benchmarks.py."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import os
 import pytest
 from PIL import Image
 
+from mgpo_jax.data import benchmarks
 from mgpo_jax.data import readers
 from mgpo_jax.data import schema
 from mgpo_jax.data import synthetic
@@ -92,14 +94,16 @@ def test_vstar_reader(tmp_path):
   assert list(readers.read_source("vstar", root=str(root))) == got
 
 
-def test_vstar_bad_answer_names_the_file(tmp_path):
+def test_vstar_bad_rows_are_skipped_and_counted(tmp_path):
   root = tmp_path / "vstar"
-  _write_json(root / "cat" / "x.json", {"question": "q", "options": ["a", "b"], "answer": "purple"})
-  with pytest.raises(ValueError, match=r"x.json: answer 'purple'"):
-    list(readers.read_vstar(root))
-  _write_json(root / "cat" / "x.json", {"question": "q", "options": ["a", "b"]})
-  with pytest.raises(ValueError, match=r"x.json: missing key\(s\) \['answer'\]"):
-    list(readers.read_vstar(root))
+  _write_json(root / "direct_attributes" / "x.json", {"question": "q", "options": ["a", "b"], "answer": "purple"})
+  _write_json(root / "direct_attributes" / "y.json", {"options": ["a", "b"]})
+  _write_json(root / "direct_attributes" / "z.json", {"question": "q", "options": ["a", "b"], "answer": "b"})
+  bad = benchmarks.BadRows()
+  got = list(readers.read_vstar(root, bad_rows=bad))
+  assert [s[schema.ID] for s in got] == ["vstar/direct_attributes/z"]
+  assert [os.path.basename(r["where"]) for r in bad.rows] == ["x.json", "y.json"]
+  assert "answer 'purple'" in bad.rows[0]["reason"] and "question" in bad.rows[1]["reason"]
   with pytest.raises(ValueError, match="not a folder"):
     list(readers.read_vstar(tmp_path / "nope"))
 
@@ -130,8 +134,9 @@ def test_mme_realworld_reader(tmp_path):
 def test_mme_realworld_bad_input(tmp_path):
   p = tmp_path / "m.json"
   _write_json(p, [{"Question_id": 1, "Image": "x.jpg", "Text": "q", "Answer choices": ["(A) a", "(B) b"]}])
-  with pytest.raises(ValueError, match=r"m.json\[0\]: missing key\(s\) \['Ground truth'\]"):
-    list(readers.read_mme_realworld(p))
+  bad = benchmarks.BadRows()
+  assert list(readers.read_mme_realworld(p, bad_rows=bad)) == []
+  assert bad.rows[0]["where"].endswith("m.json[0]") and bad.rows[0]["reason"] == "missing key(s) ['Ground truth']"
   _write_json(p, {"not": "a list"})
   with pytest.raises(ValueError, match="expected a JSON list"):
     list(readers.read_mme_realworld(p))

@@ -177,6 +177,10 @@ def reader_kwargs(section: Any) -> dict[str, Any]:
     return {"root": section.path}
   if kind is readers.SourceKind.MME_REALWORLD:
     return {"path": section.path, "image_root": section.image_root or None}
+  if kind is readers.SourceKind.HRBENCH:
+    return {"path": section.path}
+  if kind is readers.SourceKind.MGPO_PARQUET:
+    return {"path": section.path, "path_prefix": section.path_prefix}
   raise ConfigError(f"no reader arguments known for source {kind!r}")
 
 

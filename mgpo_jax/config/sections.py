@@ -155,6 +155,11 @@ class Synthetic:
   image_format: str = field(synthetic.ImageFormat.PNG.value, choices=synthetic.ImageFormat)
 
 
+def _path_prefix(chk: Checker, path: str, v: str) -> None:
+  if v and "=" not in v:
+    chk.add(path, f"{v!r} is not 'OLD=NEW'")
+
+
 @dataclasses.dataclass(frozen=True)
 class Scenes:
   """mgpo_jax.data.scenes.SceneConfig's fields (n scene questions from `seed`): the laptop-scale task."""
@@ -174,9 +179,14 @@ class Scenes:
 class Data:
   """The training data."""
 
+  # "mme_realworld" (the released JSON + images, or the lmms-eval parquet), "mgpo_parquet" (the MGPO
+  # authors' split), "vstar", "hrbench", "jsonl", "synthetic" (formats: mgpo_jax/data/benchmarks.py).
   source: str = field(readers.SourceKind.MME_REALWORLD.value, choices=readers.SourceKind)
-  path: str = ""  # JSONL file, JSON list or V* root.
-  image_root: str = ""  # MME-RealWorld images; "" = the folder of `path`.
+  path: str = ""  # The source's file or folder.
+  image_root: str = ""  # MME-RealWorld JSON images; "" = the folder of `path`.
+  # mgpo_parquet: "OLD=NEW" reads the file image_path with its leading OLD replaced by NEW (the authors'
+  # full-resolution images); "" = the image embedded in the parquet.
+  path_prefix: str = field("", check=_path_prefix)
   synthetic: Synthetic = Synthetic(n=1024, seed=0)
   scenes: Scenes = Scenes(n=1024, seed=0)
   tfds_data_dir: str = ""  # Built ArrayRecord dataset; "" = <workdir>/tfds.
@@ -292,9 +302,10 @@ class Train:
 class Eval:
   """The evaluation set and protocol (greedy, multi-turn)."""
 
-  source: str = field(readers.SourceKind.VSTAR.value, choices=readers.SourceKind)
+  source: str = field(readers.SourceKind.VSTAR.value, choices=readers.SourceKind)  # As data.source.
   path: str = ""
   image_root: str = ""
+  path_prefix: str = field("", check=_path_prefix)
   synthetic: Synthetic = Synthetic(n=64, seed=1)
   scenes: Scenes = Scenes(n=96, seed=1)
   num_samples: int = field(0, lo=0)  # 0 = all.

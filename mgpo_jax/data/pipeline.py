@@ -46,8 +46,14 @@ class DecodeImage:
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
   def __call__(self, record: Mapping[str, Any]) -> schema.DecodedSample | None:
+    out = self.decode(record)
+    if isinstance(out, str):
+      return _reject(schema.normalize_sample(record)[schema.ID], out)
+    return out
+
+  def decode(self, record: Mapping[str, Any]) -> schema.DecodedSample | str:
+    """The decoded sample, or why its image is unusable (not logged: `__call__` logs)."""
     sample = schema.normalize_sample(record)
-    sid = sample[schema.ID]
     if schema.IMAGE in sample:
       fp, where = io.BytesIO(sample[schema.IMAGE]), "image bytes"
     else:
@@ -55,28 +61,26 @@ class DecodeImage:
       try:
         fp = open(where, "rb")  # pylint: disable=consider-using-with
       except FileNotFoundError:
-        return _reject(sid, f"image file not found: {where}")
+        return f"image file not found: {where}"
       except OSError as e:
-        return _reject(sid, f"cannot open image file {where}: {e.strerror or e}")
+        return f"cannot open image file {where}: {e.strerror or e}"
     with fp:
       try:
         img = Image.open(fp)  # Reads the header only.
       except Image.DecompressionBombError as e:
-        return _reject(sid, f"decompression-bomb guard (Pillow): {e}")
+        return f"decompression-bomb guard (Pillow): {e}"
       except Image.UnidentifiedImageError:
-        return _reject(sid, f"unrecognised image format in {where}")
+        return f"unrecognised image format in {where}"
       except Exception as e:  # pylint: disable=broad-except
         # Decoders raise many types (OSError, SyntaxError, ValueError, ...); all mean "bad file".
-        return _reject(sid, f"unreadable {where} ({type(e).__name__}: {e})")
+        return f"unreadable {where} ({type(e).__name__}: {e})"
       w, h = img.size
       if w * h > self.max_image_pixels:
-        return _reject(
-            sid, f"decompression-bomb guard: header says {w}x{h} = {w * h} pixels > {self.max_image_pixels}"
-        )
+        return f"decompression-bomb guard: header says {w}x{h} = {w * h} pixels > {self.max_image_pixels}"
       try:
         rgb = img.convert("RGB")  # Decodes; truncated / corrupt data fails here.
       except Exception as e:  # pylint: disable=broad-except
-        return _reject(sid, f"corrupt or truncated image {where} ({type(e).__name__}: {e})")
+        return f"corrupt or truncated image {where} ({type(e).__name__}: {e})"
     out: schema.DecodedSample = {**sample, schema.IMAGE: rgb}  # type: ignore[typeddict-item]
     return out
 

@@ -9,24 +9,8 @@ Formats
 JSONL (`SourceKind.JSONL`): one sample per line in the schema of `schema.py`, with `image_path`
 relative to the JSONL file's folder (absolute paths are kept). `write_jsonl` writes this format.
 
-V* Bench style (`SourceKind.VSTAR`), close to the released V* Bench layout::
-
-  <root>/<category>/<name>.jpg     (also .jpeg / .png / .webp)
-  <root>/<category>/<name>.json    {"question": str, "options": [str, ...], "answer": str,
-                                    optional "target_box": [x1, y1, x2, y2]}
-
-  `options` may carry "(A) " prefixes (stripped); `answer` is an option letter ("B" or "(B)") or
-  the exact text of one option. Sample id: "vstar/<category>/<name>"; category: the folder name.
-  An image missing next to its JSON is kept as a path so the pipeline reports and skips it.
-
-MME-RealWorld style (`SourceKind.MME_REALWORLD`): ONE JSON file holding a list of::
-
-  {"Question_id": str|int, "Image": "<path relative to image_root>", "Text": question,
-   "Answer choices": ["(A) ...", "(B) ...", ...], "Ground truth": "A",
-   "Category": str, "Subtask": str}
-
-  `image_root` defaults to the JSON file's folder. Sample id: "mme_realworld/<Question_id>";
-  category: "<Category>/<Subtask>" (whichever are present).
+The released benchmark layouts and the MGPO authors' parquet (`SourceKind.VSTAR`, `MME_REALWORLD`,
+`HRBENCH`, `MGPO_PARQUET`) are read by `benchmarks` (formats and download commands there).
 """
 
 from __future__ import annotations
@@ -37,6 +21,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
+from mgpo_jax.data import benchmarks
 from mgpo_jax.data import scenes
 from mgpo_jax.data import schema
 from mgpo_jax.data import synthetic
@@ -48,6 +33,8 @@ class SourceKind(enum.StrEnum):
   SCENES = "scenes"
   VSTAR = "vstar"
   MME_REALWORLD = "mme_realworld"
+  HRBENCH = "hrbench"
+  MGPO_PARQUET = "mgpo_parquet"
 
 
 Reader = Callable[..., Iterator[schema.Sample]]
@@ -116,99 +103,11 @@ def read_scenes(n: int, seed: int, config: scenes.SceneConfig = scenes.SceneConf
   return scenes.iter_split(n, seed, config)
 
 
-def _answer_letter(answer: Any, choices: list[str], where: str) -> str:
-  """Option letter for an answer given as 'B', '(B)' or the text of an option."""
-  a = str(answer).strip()
-  m = re.fullmatch(r"\(?([A-Z])\)?", a)
-  if m and m.group(1) in schema.OPTION_LETTERS[: len(choices)]:
-    return m.group(1)
-  if a in choices:
-    return schema.letter(choices.index(a))
-  raise ValueError(f"{where}: answer {answer!r} is neither an option letter nor an option text")
-
-
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-@register_reader(SourceKind.VSTAR)
-def read_vstar(root: str | os.PathLike) -> Iterator[schema.Sample]:
-  """Samples of a V* Bench style folder (format in the module docstring), in sorted order."""
-  root = os.path.abspath(os.fspath(root))
-  if not os.path.isdir(root):
-    raise ValueError(f"V* root {root!r} is not a folder")
-  for category in sorted(os.listdir(root)):
-    cat_dir = os.path.join(root, category)
-    if not os.path.isdir(cat_dir):
-      continue
-    names = sorted(os.listdir(cat_dir))
-    present = set(names)
-    for fname in names:
-      stem, ext = os.path.splitext(fname)
-      if ext != ".json":
-        continue
-      where = os.path.join(cat_dir, fname)
-      with open(where, encoding="utf-8") as f:
-        try:
-          meta = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      missing = [k for k in ("question", "options", "answer") if k not in meta]
-      if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
-      choices = schema.choices_from(meta["options"])
-      image = next((stem + e for e in _IMAGE_EXTS if stem + e in present), stem + ".jpg")
-      record = {
-          schema.ID: f"vstar/{category}/{stem}",
-          schema.QUESTION: meta["question"],
-          schema.CHOICES: choices,
-          schema.ANSWER: _answer_letter(meta["answer"], choices, where),
-          schema.CATEGORY: category,
-          schema.IMAGE_PATH: os.path.join(cat_dir, image),
-      }
-      if meta.get("target_box") is not None:
-        record[schema.TARGET_BOX] = meta["target_box"]
-      try:
-        yield schema.normalize_sample(record)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-_MME_KEYS = ("Question_id", "Image", "Text", "Answer choices", "Ground truth")
-
-
-@register_reader(SourceKind.MME_REALWORLD)
-def read_mme_realworld(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None
-) -> Iterator[schema.Sample]:
-  """Samples of an MME-RealWorld style JSON list (format in the module docstring)."""
-  path = os.fspath(path)
-  image_root = os.path.abspath(os.fspath(image_root) if image_root is not None else os.path.dirname(path) or ".")
-  with open(path, encoding="utf-8") as f:
-    try:
-      entries = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
-  if not isinstance(entries, list):
-    raise ValueError(f"{path}: expected a JSON list of questions, got {type(entries).__name__}")
-  for i, entry in enumerate(entries):
-    where = f"{path}[{i}]"
-    missing = [k for k in _MME_KEYS if k not in entry]
-    if missing:
-      raise ValueError(f"{where}: missing key(s) {missing}")
-    choices = schema.choices_from(entry["Answer choices"])
-    category = "/".join(str(entry[k]) for k in ("Category", "Subtask") if entry.get(k))
-    record = {
-        schema.ID: f"mme_realworld/{entry['Question_id']}",
-        schema.QUESTION: entry["Text"],
-        schema.CHOICES: choices,
-        schema.ANSWER: _answer_letter(entry["Ground truth"], choices, where),
-        schema.CATEGORY: category or "unknown",
-        schema.IMAGE_PATH: _resolve(str(entry["Image"]), image_root),
-    }
-    try:
-      yield schema.normalize_sample(record)
-    except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
+# The released benchmark layouts (see `benchmarks`): bad rows are logged and skipped, not raised.
+read_vstar = register_reader(SourceKind.VSTAR)(benchmarks.read_vstar)
+read_mme_realworld = register_reader(SourceKind.MME_REALWORLD)(benchmarks.read_mme_realworld)
+read_hrbench = register_reader(SourceKind.HRBENCH)(benchmarks.read_hrbench)
+read_mgpo_parquet = register_reader(SourceKind.MGPO_PARQUET)(benchmarks.read_mgpo_parquet)
 
 
 def _image_ext(data: bytes) -> str:
