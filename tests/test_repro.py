@@ -27,7 +27,7 @@ def _reduced_config(base_dir):
   c.rollout.num_generations = 2
   c.rollout.prompt_buckets = (192, 256)
   c.rollout.seq_buckets = (384, 512)
-  c.rollout.patch_buckets = (64, 128)
+  c.rollout.patch_buckets = (72, 144)
   c.rl.mini_batch_size = 2
   c.rl.micro_batch_size = 2
   c.train.num_steps = 2

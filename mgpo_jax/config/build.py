@@ -151,7 +151,7 @@ def synthetic_config(section: Any) -> synthetic.SyntheticConfig:
   s = section.synthetic
   return synthetic.SyntheticConfig(
       image_size=tuple(s.image_size), target_size=tuple(s.target_size), categories=tuple(s.categories),
-      num_choices=s.num_choices, square=s.square, pattern_period=s.pattern_period,
+      num_choices=s.num_choices, square=s.square,
       sorted_choices=s.sorted_choices, colors=tuple(s.colors),
       image_format=synthetic.ImageFormat(s.image_format))
 

@@ -149,7 +149,6 @@ class Synthetic:
   categories: tuple[str, ...] = ("color", "shape")
   num_choices: int = 4
   square: bool = False
-  pattern_period: int = 6
   sorted_choices: bool = False
   colors: tuple[str, ...] = ()
   image_format: str = field(synthetic.ImageFormat.PNG.value, choices=synthetic.ImageFormat)

@@ -50,7 +50,6 @@ class Category(enum.StrEnum):
 
   COLOR = "color"
   SHAPE = "shape"
-  PATTERN = "pattern"  # fine texture of a small square: gone once the image is shrunk
 
 
 class _SampleBase(TypedDict):

@@ -1,10 +1,7 @@
 """Deterministic V*-like synthetic samples: a large cluttered image with ONE small target object.
 
-The question asks for the target's colour ("What is the color of the small star?"), its shape
-("What is the shape of the small red object?") or its texture ("What is the pattern on the small
-colored square?": stripes or a checkerboard of `pattern_period` px, half of the square's pixels in
-its colour either way, so a shrunk image keeps a tinted square but no pattern), with `num_choices`
-options. Clutter is faint
+The question asks for the target's colour ("What is the color of the small star?") or its shape
+("What is the shape of the small red object?"), with `num_choices` options. Clutter is faint
 (blended towards the background), so the only saturated object in the image is the target: at full
 resolution its attribute is plain, but once the image is shrunk to a low `max_pixels` the
 `target_size`-pixel object covers only a few input pixels and its shape (and, for the smallest
@@ -97,16 +94,6 @@ def _cross(draw: ImageDraw.ImageDraw, box: Box, fill) -> None:
   draw.rectangle((x1, y1 + t, x2, y2 - t), fill=fill)
 
 
-# Fine textures of the PATTERN category: (yy, xx, half period) -> on-pixels. Every pattern covers
-# half of the square, so once the image is shrunk below the period they all look alike.
-PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
-    "horizontal stripes": lambda yy, xx, h: (yy // h) % 2 == 0,
-    "vertical stripes": lambda yy, xx, h: (xx // h) % 2 == 0,
-    "checkerboard": lambda yy, xx, h: (yy // h + xx // h) % 2 == 0,
-    "diagonal stripes": lambda yy, xx, h: ((yy + xx) // h) % 2 == 0,
-}
-
-
 class ImageFormat(enum.StrEnum):
   PNG = "PNG"
   JPEG = "JPEG"
@@ -129,7 +116,6 @@ class SyntheticConfig:
     image_format: encoding of the stored image bytes.
     square: draw square images (side drawn from `image_size`), so every image has the same
       model-input grid at a fixed pixel budget.
-    pattern_period: period in pixels of the PATTERN category's stripes / checks (even).
     sorted_choices: list the options in alphabetical order (the answer letter then names the value
       directly) instead of at a drawn position; `answer_index` is then decided by the value.
     colors: names of `COLORS` the target's colour is drawn from (empty: all of them). With as many
@@ -146,7 +132,6 @@ class SyntheticConfig:
   num_choices: int = 4
   image_format: ImageFormat = ImageFormat.PNG
   square: bool = False
-  pattern_period: int = 6
   sorted_choices: bool = False
   colors: tuple[str, ...] = ()
 
@@ -166,14 +151,12 @@ class SyntheticConfig:
       raise ValueError("categories must not be empty")
     for c in self.categories:
       schema.Category(c)  # Raises ValueError on an unknown name.
-    if self.pattern_period < 2 or self.pattern_period % 2:
-      raise ValueError(f"pattern_period must be an even number >= 2, got {self.pattern_period}")
     unknown = sorted(set(self.colors) - set(COLORS))
     if unknown or len(set(self.colors)) != len(self.colors):
       raise ValueError(f"colors must be distinct names of {sorted(COLORS)}, got {self.colors}")
     if self.colors and len(self.colors) < schema.MIN_CHOICES:
       raise ValueError(f"colors must name at least {schema.MIN_CHOICES} colours, got {self.colors}")
-    values = {schema.Category.COLOR: self.palette(), schema.Category.SHAPE: SHAPES, schema.Category.PATTERN: PATTERNS}
+    values = {schema.Category.COLOR: self.palette(), schema.Category.SHAPE: SHAPES}
     most = min([len(values[schema.Category(c)]) for c in self.categories] + [len(schema.OPTION_LETTERS)])
     if not schema.MIN_CHOICES <= self.num_choices <= most:
       raise ValueError(f"num_choices must be in [{schema.MIN_CHOICES}, {most}], got {self.num_choices}")
@@ -227,25 +210,12 @@ def _encode(img: Image.Image, fmt: ImageFormat) -> bytes:
   return buf.getvalue()
 
 
-def _question(category: schema.Category, color: str, shape: str, pattern: str,
+def _question(category: schema.Category, color: str, shape: str,
               palette: list[str]) -> tuple[str, str, list[str]]:
   """(question, correct value, all values of the asked attribute)."""
   if category == schema.Category.COLOR:
     return f"What is the color of the small {shape}?", color, palette
-  if category == schema.Category.PATTERN:
-    # The same words for every sample: the target is the only saturated object, its colour is no cue.
-    return "What is the pattern on the small colored square?", pattern, sorted(PATTERNS)
   return f"What is the shape of the small {color} object?", shape, sorted(SHAPES)
-
-
-def _draw_pattern(img: Image.Image, box: Box, rgb: tuple[int, int, int], pattern: str, period: int) -> Image.Image:
-  """`img` with the square `box` filled by `pattern` (on-pixels `rgb`, off-pixels white)."""
-  x1, y1, x2, y2 = box
-  yy, xx = np.mgrid[0:y2 - y1, 0:x2 - x1]
-  on_HW = PATTERNS[pattern](yy, xx, period // 2)
-  px_HWC = np.array(img)
-  px_HWC[y1:y2, x1:x2] = np.where(on_HW[..., None], np.asarray(rgb, np.uint8), np.uint8(255))
-  return Image.fromarray(px_HWC, mode="RGB")
 
 
 def generate_sample(
@@ -284,20 +254,14 @@ def generate_sample(
   if category is None:
     category = cfg.categories[rng.integers(len(cfg.categories))]
   category = schema.Category(category)
-  pattern = ""
-  if category == schema.Category.PATTERN:  # drawn only here: other categories keep their samples
-    pattern = sorted(PATTERNS)[rng.integers(len(PATTERNS))]
-    img = _draw_pattern(img, (x, y, x + s, y + s), COLORS[color], pattern, cfg.pattern_period)
-    target_box = [x, y, x + s, y + s]
-  else:
-    SHAPES[shape](ImageDraw.Draw(img), (x, y, x + s, y + s), COLORS[color])
-    # Tight box of what was actually drawn: render the same shape into a small mask.
-    mask = Image.new("L", (s + 3, s + 3))
-    SHAPES[shape](ImageDraw.Draw(mask), (1, 1, 1 + s, 1 + s), 255)
-    mx1, my1, mx2, my2 = mask.getbbox()
-    target_box = [x - 1 + mx1, y - 1 + my1, x - 1 + mx2, y - 1 + my2]
+  SHAPES[shape](ImageDraw.Draw(img), (x, y, x + s, y + s), COLORS[color])
+  # Tight box of what was actually drawn: render the same shape into a small mask.
+  mask = Image.new("L", (s + 3, s + 3))
+  SHAPES[shape](ImageDraw.Draw(mask), (1, 1, 1 + s, 1 + s), 255)
+  mx1, my1, mx2, my2 = mask.getbbox()
+  target_box = [x - 1 + mx1, y - 1 + my1, x - 1 + mx2, y - 1 + my2]
 
-  question, correct, values = _question(category, color, shape, pattern, palette)
+  question, correct, values = _question(category, color, shape, palette)
   others = [v for v in values if v != correct]
   distractors = [others[i] for i in rng.permutation(len(others))[: cfg.num_choices - 1]]
   if cfg.sorted_choices:

@@ -77,8 +77,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole comparison; returns the summary (also written to results.json / results.md / curves.png)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config_lib.validate(config, extra_sections={"repro": Repro})
   hf_dir = base_dir(config)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.hf_dir = hf_dir  # what every arm starts from, validated with the rest
+  config_lib.validate(config, extra_sections={"repro": Repro})
   t0 = time.perf_counter()
   gates = base_gates(config, workdir)
   timings = {"base_gates": time.perf_counter() - t0}
