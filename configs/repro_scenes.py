@@ -53,7 +53,8 @@ def get_config():
   r.prompt_style = "short"
   r.prompt_buckets = (128, 192)
   r.seq_buckets = (192, 384, 512)
-  r.patch_buckets = (272, 544)
+  # A square box's crop is 224 x 224 (256 patches); a box of another shape can give up to ~300.
+  r.patch_buckets = (288, 640)
 
   c.rl.mini_batch_size = 4  # 2 updates per step
   c.rl.micro_batch_size = 4

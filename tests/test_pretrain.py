@@ -230,6 +230,12 @@ def test_reduced_recipe_writes_a_base_that_loads_and_is_measured(tmp_path):
   for k in ("refer_iou50", "close_up_acc", "full_image_acc", "mgpo_acc", "mgpo_valid_box", "mgpo_target_hit"):
     assert 0.0 <= g[k] <= 1.0
   assert set(g["gates"]) == {"refer_iou50 >= 0.8", "close_up_acc >= 0.9", "|full_image_acc - chance| <= 0.1"}
+  # A second stage continues from the base's weights and tokenizer.
+  stage2 = dataclasses.replace(CFG, steps=3, warmup_steps=1, eval_every=3, init_dir=hf, mix=(1.0, 0.0, 0.0))
+  pretrain.run(stage2, str(tmp_path / "stage2"))
+  with open(os.path.join(out, "hf", "tokenizer.json")) as a, open(os.path.join(tmp_path, "stage2", "hf",
+                                                                                "tokenizer.json")) as b:
+    assert a.read() == b.read()
 
 
 def test_iou():

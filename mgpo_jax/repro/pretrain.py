@@ -94,6 +94,9 @@ class PretrainConfig:
   eval_every: int = 100
   num_eval: int = 64
   vocab_size: int = 1024               # BPE merges; the model's vocab adds the special tokens
+  # "" trains from a seeded init; an HF folder (a base made by this recipe) continues from its weights
+  # and tokenizer, e.g. a second stage with another `mix`.
+  init_dir: str = ""
   prompt_style: str = "short"
   scene: scenes.SceneConfig = scenes.SceneConfig()
   buckets: tuple[Bucket, Bucket, Bucket] = (Bucket(192, 256), Bucket(192, 256), Bucket(384, 512))
@@ -299,9 +302,16 @@ def run(cfg: PretrainConfig, out_dir: str) -> dict[str, Any]:
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   tok_dir = os.path.join(out_dir, "tokenizer")
-  tokenizer = tok_lib.build_tokenizer(tok_dir, vocab_size=cfg.vocab_size, corpus=task_corpus(cfg))
+  if cfg.init_dir:
+    tokenizer = tok_lib.load_tokenizer(cfg.init_dir)
+    tokenizer.save_pretrained(tok_dir)
+    model = params_lib.from_pretrained(cfg.init_dir)
+    model_cfg = model.cfg
+  else:
+    tokenizer = tok_lib.build_tokenizer(tok_dir, vocab_size=cfg.vocab_size, corpus=task_corpus(cfg))
+    model_cfg = cfg.model(tokenizer)
+    model = params_lib.init_model(model_cfg, seed=cfg.seed)
   cfg.image().save_pretrained(tok_dir)  # travels with the tokenizer into the export: the base's view
-  model_cfg = cfg.model(tokenizer)
   pad = tokenizer.pad_token_id
   kinds = list(RowKind)
   held_out = {k: to_batch(build_rows(k, _seeds(cfg.seed, cfg.num_eval, 1_000_000 + i), tokenizer, model_cfg, cfg),
@@ -310,7 +320,7 @@ def run(cfg: PretrainConfig, out_dir: str) -> dict[str, Any]:
       learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, grad_clip_norm=1.0,
       schedule=optim.Schedule.COSINE, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
       min_lr_ratio=cfg.min_lr_ratio))
-  trainer = sft.SFTTrainer(params_lib.init_model(model_cfg, seed=cfg.seed), tx)
+  trainer = sft.SFTTrainer(model, tx)
   eval_fn = jax.jit(lambda p, b: sft.sft_loss(nnx.merge(trainer.graphdef, p), b, 1024))
   rng = np.random.default_rng([cfg.seed, 7])
   p = np.asarray(cfg.mix, np.float64)
@@ -345,7 +355,10 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  cfg = dataclasses.replace(PretrainConfig(), steps=_STEPS.value, batch_size=_BATCH.value, seed=_SEED.value)
+  cfg = dataclasses.replace(PretrainConfig(), steps=_STEPS.value, batch_size=_BATCH.value, seed=_SEED.value,
+                            init_dir=_INIT_DIR.value, learning_rate=_LR.value,
+                            warmup_steps=min(PretrainConfig.warmup_steps, _STEPS.value - 1),
+                            mix=tuple(float(x) for x in _MIX.value))
   print(json.dumps(run(cfg, _OUT.value), indent=1))
 
 
@@ -354,4 +367,7 @@ if __name__ == "__main__":
   _STEPS = flags.DEFINE_integer("steps", PretrainConfig.steps, "Training steps.")
   _BATCH = flags.DEFINE_integer("batch_size", PretrainConfig.batch_size, "Rows per step.")
   _SEED = flags.DEFINE_integer("seed", PretrainConfig.seed, "Init and data seed.")
+  _INIT_DIR = flags.DEFINE_string("init_dir", "", "Continue from this base (HF folder) instead of a random init.")
+  _LR = flags.DEFINE_float("learning_rate", PretrainConfig.learning_rate, "Peak learning rate.")
+  _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format steps.")
   app.run(main)
