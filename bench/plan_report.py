@@ -15,7 +15,7 @@ import sys
 from bench import common
 from mgpo_jax.plan import memory as plan_lib
 
-CONFIG = os.path.join(common.REPO_ROOT, "configs", "tpu_v5.py")
+CONFIG = os.path.join(common.REPO_ROOT, "mgpo_jax", "configs", "tpu_v5.py")
 
 # (title, topology, overrides, AOT?) — the layouts tests/test_plan.py checks.
 CASES = (

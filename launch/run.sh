@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Starts training on every worker (in the background; the log is ~/mgpo_run.log on each):
 #   PROJECT=my-project WORKDIR=gs://my-bucket/runs/mgpo_7b launch/run.sh [--config.FIELD=VALUE ...]
-# CONFIG picks the config (default configs/tpu_v5.py; configs/tpu_v4.py for v4). Arguments are
+# CONFIG picks the config: a packaged one by name (default tpu_v5; tpu_v4 for v4; configs/<name>.py
+# works too) or a file of this repository. Arguments are
 # passed on to mgpo_jax.main. Running it again after a preemption resumes from the last checkpoint.
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 require PROJECT WORKDIR
-CONFIG="${CONFIG:-configs/tpu_v5.py}"
-if [[ ! -f "$REPO_DIR/$CONFIG" ]]; then
-  die "CONFIG=$CONFIG is not a file of this repository"
+CONFIG="${CONFIG:-tpu_v5}"
+name="${CONFIG#configs/}"
+name="${name%.py}"
+if [[ ! -f "$REPO_DIR/$CONFIG" && ! -f "$REPO_DIR/mgpo_jax/configs/$name.py" ]]; then
+  die "CONFIG=$CONFIG is neither a packaged config (mgpo_jax/configs/<name>.py) nor a file of this repository"
 fi
 
 args=(--config="$CONFIG" --workdir="$WORKDIR" "$@")

@@ -1,6 +1,6 @@
 """Greedy evaluation with the multi-turn protocol: accuracy overall and per category.
 
-  python -m mgpo_jax.evaluate --config=configs/tpu_v5.py --checkpoint=gs://.../run [--step=N]
+  python -m mgpo_jax.evaluate --config=tpu_v5 --checkpoint=gs://.../run [--step=N]
 
 `--checkpoint` is a trainer workdir, a checkpoint root (`tools/convert_weights.py` output) or a
 Hugging Face model directory; without it the config's initial model is evaluated. Writes
@@ -24,11 +24,12 @@ import json
 import os
 from typing import Sequence
 
-from absl import app
+# First: quiets third-party notices printed at import time.
+from mgpo_jax.programs import console  # pylint: disable=g-bad-import-order
+
 from absl import flags
 import jax
 from flax import nnx
-from ml_collections import config_flags
 
 from mgpo_jax import config as config_lib
 from mgpo_jax.eval import loop as eval_loop
@@ -40,11 +41,11 @@ from mgpo_jax.models.qwen2_5_vl import params as params_lib
 from mgpo_jax.models.qwen2_5_vl import tokenizer as tok_lib
 from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.rollout import engine as engine_lib
+from mgpo_jax.programs import cli
 from mgpo_jax.programs import experiment
 from mgpo_jax.programs import flags as program_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu_tiny.py", "Experiment config (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag("cpu_tiny", "Experiment config (the one the checkpoint was trained with).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Trainer workdir, checkpoint root or HF model directory.")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (default: the latest).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where eval_<step>.json goes (default: --checkpoint).")
@@ -62,9 +63,9 @@ _MULTIHOST = program_flags.define_multihost_flags()
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  config = _CONFIG.value
+  console.quiet_third_party()
+  config = _CONFIG.load(config_lib.validate)
   _MULTIHOST.init_distributed()
-  config_lib.validate(config)
   config_lib.validate_runtime(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                               check_paths=not _CHECKPOINT.value)
   config = config_lib.parse(config)  # from here on the typed, frozen sections
@@ -134,4 +135,4 @@ def _benchmarks(config, sampler, tokenizer, workdir: str, step: int, names, benc
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "mgpo_jax.evaluate")

@@ -1,12 +1,16 @@
 """Runs an MGPO (or single-turn GRPO) experiment.
 
-  python -m mgpo_jax.main --workdir=/tmp/mgpo                               # configs/cpu_tiny.py
-  python -m mgpo_jax.main --config=configs/tpu_v5.py --workdir=gs://BUCKET/runs/mgpo_7b
-  python -m mgpo_jax.main --config=configs/tpu_v5.py --workdir=... --config.rollout.num_generations=4
+  python -m mgpo_jax.main --workdir=/tmp/mgpo                               # the cpu_tiny config
+  python -m mgpo_jax.main --config=tpu_v5 --workdir=gs://BUCKET/runs/mgpo_7b
+  python -m mgpo_jax.main --config=tpu_v5 --workdir=... --config.rollout.num_generations=4
+  python -m mgpo_jax.main --config=/path/to/my_experiment.py --workdir=...
 
-Every config field can be overridden on the command line (`--config.<section>.<field>=value`); an
-unknown field or an invalid value stops the run before anything is built. Running the same command
-again resumes from the latest checkpoint in the workdir. On a TPU pod slice run the same command on
+`--config` is a packaged config by name (mgpo_jax/configs/<name>.py; `configs/<name>.py` still works, from
+any folder) or any experiment file. Every config field can be overridden on the command line
+(`--config.<section>.<field>=value`); unknown fields and invalid values stop the run before anything is
+built, all of them listed at once, one line each (MGPO_TRACEBACK=1 adds the traceback). Running the same
+command again resumes from the latest checkpoint in the workdir; a restart whose config cannot resume
+it (other model shapes, dtypes, tokenizer) stops before anything in the workdir is written. On a TPU pod slice run the same command on
 every worker (launch/run.sh); CPU/GPU multi-process runs pass --coordinator_address, --num_processes
 and --process_id.
 
@@ -18,18 +22,22 @@ locally, and hf_export/ when train.export_hf_at_end is set.
 
 from __future__ import annotations
 
-import logging
+import time
 from typing import Sequence
+
+# First: quiets third-party notices printed at import time.
+from mgpo_jax.programs import console  # pylint: disable=g-bad-import-order
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
+import jax
 
+from mgpo_jax import config as config_lib
+from mgpo_jax.programs import cli
 from mgpo_jax.programs import flags as program_flags
 from mgpo_jax.programs import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/cpu_tiny.py", "Experiment config file (configs/*.py).", lock_config=True)
+_CONFIG = cli.define_config_flag("cpu_tiny", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the run: logs, checkpoints (local or gs://).",
                                required=True)
 _MULTIHOST = program_flags.define_multihost_flags()
@@ -39,11 +47,14 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Log lines go through absl's handler (installed by app.run): "W1130 12:00:00.0 file.py:79] ...".
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  console.quiet_third_party()
+  started = time.perf_counter()
+  config = _CONFIG.load(config_lib.validate)
   _MULTIHOST.init_distributed()
-  train.train(_CONFIG.value, _WORKDIR.value)
+  train.train(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(train.summary(_WORKDIR.value, _CONFIG.value, started), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "mgpo_jax.main")

@@ -254,7 +254,7 @@ def test_table_columns_follow_the_papers_order():
 def test_config_selects_the_new_sources():
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from mgpo_jax.configs import base  # pylint: disable=g-import-not-at-top
   from mgpo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()

@@ -1,4 +1,4 @@
-"""Tests for configs/*.py, mgpo_jax.config and the launch/ scripts."""
+"""Tests for mgpo_jax/configs/*.py, mgpo_jax.config, the programs' --config and the launch/ scripts."""
 
 import importlib
 import itertools
@@ -8,25 +8,23 @@ import subprocess
 import sys
 import tempfile
 
-from absl import flags
-from ml_collections import config_flags
 import pytest
 
 from mgpo_jax import config as cs
+from mgpo_jax.config import files as config_files
+from mgpo_jax.programs import cli
 from mgpo_jax import rl
 from mgpo_jax.parallel import sharding
 from mgpo_jax.data import readers
 from mgpo_jax.models.qwen2_5_vl import params as params_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # configs/ is imported from the repository root, as main does.
 
 CONFIG_NAMES = ("base", "cpu_tiny", "tpu_v5", "tpu_v4")
 
 
 def load(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  return importlib.import_module(f"mgpo_jax.configs.{name}").get_config()
 
 
 def flat(config, prefix=""):
@@ -450,17 +448,17 @@ def test_synthetic_reader_kwargs_make_the_configured_samples():
 
 
 # ------------------------------------------------------------------------------------------------
-# Command-line overrides (ml_collections.config_flags).
+# Command-line overrides and --config (mgpo_jax.programs.cli).
 # ------------------------------------------------------------------------------------------------
 
 
 def _parse(args, name="cpu_tiny"):
-  argv = ["prog", f"--config={os.path.join(REPO, 'configs', name + '.py')}", *args]
-  fv = flags.FlagValues()
-  # Overrides are read from `sys_argv` (sys.argv by default) when --config is parsed.
-  config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
-  fv(argv)
-  return fv.config
+  config = config_files.load_config_file(config_files.resolve_config_path(name))
+  _, overrides = cli.split_overrides(["prog", *args])
+  problems = cli.apply_overrides(config, overrides)
+  if problems:
+    raise cs.ConfigError("; ".join(problems))
+  return config
 
 
 def test_overrides_reach_every_kind_of_field():
@@ -469,53 +467,89 @@ def test_overrides_reach_every_kind_of_field():
               "--config.model.tiny.num_layers=1", "--config.rollout.single_turn=true",
               "--config.optim.learning_rate=3e-5", "--config.rl.advantage=rloo",
               "--config.mesh.sampling_shape=(1,1,1)", "--config.eval.max_turns=3",
-              "--config.model.tokenizer=/tok"])
+              "--config.model.tokenizer=/tok", "--config.data.synthetic.n", "12"])
   assert c.rollout.num_generations == 8
   assert c.mesh.shape == (2, 2, 1)
   assert c.data.num_epochs == 3 and c.rl.clip_ratio_dual == 3.0
   assert c.model.tiny.num_layers == 1 and c.rollout.single_turn is True
   assert c.optim.learning_rate == 3e-5 and c.rl.advantage == "rloo"
   assert c.mesh.sampling_shape == (1, 1, 1) and c.eval.max_turns == 3
-  assert c.model.tokenizer == "/tok"
+  assert c.model.tokenizer == "/tok" and c.data.synthetic.n == 12
   cs.validate(c)
   assert cs.model_config(c).num_layers == 1
 
 
-def test_override_of_an_unknown_field_fails():
-  with pytest.raises((flags.Error, AttributeError), match="Did you mean \"kl_coef\""):
+def test_override_of_an_unknown_field_fails_with_did_you_mean():
+  with pytest.raises(cs.ConfigError, match="rl.kl_coeff: unknown field; did you mean rl.kl_coef"):
     _parse(["--config.rl.kl_coeff=0.1"])
+  with pytest.raises(cs.ConfigError, match="rollout.num_generations: must be an integer, got 'eight'"):
+    _parse(["--config.rollout.num_generations=eight"])
+
+
+def test_configs_by_name_by_old_path_and_by_file(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # outside the repository
+  packaged = config_files.resolve_config_path("tpu_v5")
+  assert packaged == config_files.resolve_config_path("configs/tpu_v5.py")
+  assert packaged.startswith(config_files.PACKAGED_DIR)
+  assert set(CONFIG_NAMES) <= set(config_files.packaged_configs())
+  mine = tmp_path / "mine.py"
+  mine.write_text("from mgpo_jax.configs import cpu_tiny\n\ndef get_config():\n  c = cpu_tiny.get_config()\n"
+                  "  c.rl.kl_coef = 0.5\n  return c\n")
+  assert config_files.load_config_file(config_files.resolve_config_path(str(mine))).rl.kl_coef == 0.5
+  with pytest.raises(cs.ConfigError, match="'nope' is neither a file nor a packaged config"):
+    config_files.resolve_config_path("nope")
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config():\n  return 1 / 0\n")
+  with pytest.raises(cs.ConfigError, match="broken.py: ZeroDivisionError"):
+    config_files.load_config_file(str(broken))
 
 
 _MAIN = """
-from absl import app
-from ml_collections import config_flags
 from mgpo_jax import config as config_lib
+from mgpo_jax.programs import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config")
+_CONFIG = cli.define_config_flag("cpu_tiny")
 
 def main(argv):
-  config_lib.validate(_CONFIG.value)
-  print("n =", _CONFIG.value.rollout.num_generations, "advantage =", _CONFIG.value.rl.advantage)
+  c = _CONFIG.load(config_lib.validate)
+  print("n =", c.rollout.num_generations, "advantage =", c.rl.advantage)
 
-app.run(main)
+cli.run(main, "prog")
 """
 
 
-def test_absl_program_with_overrides(tmp_path):
+def _prog(tmp_path, *args, **env):
   prog = tmp_path / "prog.py"
   prog.write_text(_MAIN)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-  ok = subprocess.run([sys.executable, str(prog), "--config=configs/tpu_v5.py",
-                       "--config.rollout.num_generations=16", "--config.rl.advantage=rloo"],
-                      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert ok.returncode == 0, ok.stderr
-  assert "n = 16 advantage = rloo" in ok.stdout
-  bad = subprocess.run([sys.executable, str(prog), "--config=configs/tpu_v5.py",
-                        "--config.rl.advantage=ppo", "--config.data.batch_size=192"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0
-  assert "invalid config (2 problems)" in bad.stderr
-  assert "rl.advantage: unknown name 'ppo'" in bad.stderr
+  return subprocess.run([sys.executable, str(prog), *args], cwd=tmp_path,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_program_overrides_from_any_folder(tmp_path):
+  for spec in ("tpu_v5", "configs/tpu_v5.py", os.path.join(REPO, "mgpo_jax", "configs", "tpu_v5.py")):
+    ok = _prog(tmp_path, f"--config={spec}", "--config.rollout.num_generations=16", "--config.rl.advantage=rloo")
+    assert ok.returncode == 0, ok.stderr
+    assert "n = 16 advantage = rloo" in ok.stdout
+
+
+def test_config_problems_are_one_line_each_all_at_once_without_knock_on(tmp_path):
+  bad = _prog(tmp_path, "--config=tpu_v5", "--config.rl.kl_coeff=0.1", "--config.rl.advantage=ppo",
+              "--config.data.batch_size=-3", "--config.rollout.single_turn=maybe")
+  assert bad.returncode == 2
+  assert bad.stderr.splitlines() == [
+      "prog: error: invalid config (4 problems):",
+      "  - rl.kl_coeff: unknown field; did you mean rl.kl_coef?",
+      "  - rollout.single_turn: must be True or False, got 'maybe'",
+      "  - data.batch_size: must be >= 1, got -3",
+      "  - rl.advantage: unknown name 'ppo'; known: " + str(sorted(rl.ADVANTAGE_FNS)),
+  ], bad.stderr
+  missing = _prog(tmp_path, "--config=configs/nope.py")
+  assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+  assert missing.stderr.startswith("prog: error: --config: 'configs/nope.py' is neither a file nor a packaged "
+                                   "config (packaged: base, cpu_tiny,")
+  traced = _prog(tmp_path, "--config.rl.kl_coeff=0.1", MGPO_TRACEBACK="1")
+  assert traced.returncode == 2 and "Traceback" in traced.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 from mgpo_jax.plan import memory as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU_V5 = os.path.join(ROOT, "configs", "tpu_v5.py")
+TPU_V5 = os.path.join(ROOT, "mgpo_jax", "configs", "tpu_v5.py")
 HF_7B = os.path.join(ROOT, "tests", "data", "hf_configs", "qwen2_5_vl_7b")
 GiB = 1024 ** 3
 
@@ -130,7 +130,7 @@ def test_72b_on_v5e_8_without_fsdp_does_not_fit(config):
 def test_aot_arguments_equal_the_planned_state_bytes():
   """The tiny config's real Learner.update compiled for abstract inputs on 8 simulated devices: XLA's
   argument bytes are exactly the plan's params + Adam + reference + mini-batch (+ the small scalars)."""
-  cfg_path = os.path.join(ROOT, "configs", "cpu_tiny.py")
+  cfg_path = os.path.join(ROOT, "mgpo_jax", "configs", "cpu_tiny.py")
   config = plan_lib.load_config(cfg_path)
   cfg, _ = plan_lib.model_config(config)
   over = dict(mesh=(1, 4, 2), micro_rows_per_device=1, seq_len=256, patches_per_row=128)

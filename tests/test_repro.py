@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from configs import repro_scenes
+from mgpo_jax.configs import repro_scenes
 from mgpo_jax.repro import __main__ as repro
 from mgpo_jax.repro import pretrain
 from test_pretrain import CFG, SCENE

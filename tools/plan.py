@@ -1,9 +1,9 @@
 """Memory plan of an MGPO experiment config on a TPU slice (the command line of `mgpo_jax.plan.memory`,
 whose docstring says what is planned and how; `--help` prints it).
 
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5p-64
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5e-64 --search       # fitting layouts
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5p-16 --mesh=1,4,2 --micro_rows_per_device=1 --aot
+  python tools/plan.py --config=tpu_v5 --topology=v5p-64
+  python tools/plan.py --config=tpu_v5 --topology=v5e-64 --search       # fitting layouts
+  python tools/plan.py --config=tpu_v5 --topology=v5p-16 --mesh=1,4,2 --micro_rows_per_device=1 --aot
 """
 
 from __future__ import annotations

@@ -136,11 +136,11 @@ def _rollout_rules(chk: Checker) -> None:
 
 
 def _rl_rules(chk: Checker) -> None:
-  batch = chk.peek("data.batch_size")  # Range-checked with data.
+  batch = chk.value("data.batch_size")
   mini, micro = chk.value("rl.mini_batch_size"), chk.value("rl.micro_batch_size")
   chk.divides("data.batch_size", batch, "both in prompts", "rl.mini_batch_size", mini)
   chk.divides("rl.mini_batch_size", mini, "both in prompts", "rl.micro_batch_size", micro)
-  sampling = chk.peek("rollout.sampling_batch_size")
+  sampling = chk.value("rollout.sampling_batch_size")
   if is_int(sampling) and sampling > 0:
     chk.divides("data.batch_size", batch, "both in prompts", "rollout.sampling_batch_size", sampling)
   if not chk.has_problem_under("rl."):
@@ -152,7 +152,7 @@ def _rl_rules(chk: Checker) -> None:
 
 def _optim_rules(chk: Checker) -> None:
   warmup, decay = chk.value("optim.warmup_steps"), chk.value("optim.decay_steps")
-  steps = chk.peek("train.num_steps")
+  steps = chk.value("train.num_steps")
   if _ok(warmup) and is_int(steps) and warmup > steps:
     chk.add("optim.warmup_steps", f"{warmup} > train.num_steps={steps}")
   if chk.value("optim.schedule") == learner.Schedule.COSINE.value and _ok(warmup, decay) and is_int(steps):
@@ -163,7 +163,7 @@ def _optim_rules(chk: Checker) -> None:
 
 def _train_rules(chk: Checker) -> None:
   k = chk.value("train.num_visualize")
-  batch, n = chk.peek("data.batch_size"), chk.peek("rollout.num_generations")
+  batch, n = chk.value("data.batch_size"), chk.value("rollout.num_generations")
   if _ok(k) and is_int(batch) and is_int(n) and k > batch * n:
     chk.add("train.num_visualize", f"{k} > the {batch * n} rollouts of a step")
 
@@ -194,8 +194,9 @@ def validate(config: Any, extra_sections: Mapping[str, type] | None = None) -> N
   if missing:
     _raise([f"{s}: section missing (start from configs/base.py)" for s in missing])
   chk = Checker(config, _MISSING_HINT)
-  for name, cls in described.items():
-    check_fields(chk, name, cls)
+  for name, cls in described.items():  # every field's own check first, so the rules between fields
+    check_fields(chk, name, cls)        # see only valid values (no knock-on problems from a bad one)
+  for name in described:
     rule = _RULES.get(name)
     if rule is not None:
       rule(chk)

@@ -67,6 +67,8 @@ class SceneConfig:
     dot_side: side of the dot in a square's middle.
     lattice: squares sit on this grid (about one merged token), at least two steps apart.
     jitter: +- pixels a square moves off its lattice point (the dot's phase on the patch grid varies).
+    ring: width of a square's coloured frame; inside it the background shows, so the square's own
+      vision tokens carry the position code (0: a solid square, whose tokens hide it).
   """
 
   input_side: int = 224
@@ -76,12 +78,13 @@ class SceneConfig:
   dot_side: int = 3
   lattice: int = 28
   jitter: int = 4
+  ring: int = 0
 
   def __post_init__(self):
     if self.scale < 1:
       raise ValueError(f"scale must be >= 1, got {self.scale}")
-    if not 2 <= self.num_objects <= len(COLORS):
-      raise ValueError(f"num_objects must be in [2, {len(COLORS)}], got {self.num_objects}")
+    if not 1 <= self.num_objects <= len(COLORS):  # 1: a first stage of a referring curriculum
+      raise ValueError(f"num_objects must be in [1, {len(COLORS)}], got {self.num_objects}")
     if not 28 < self.object_side <= self.input_side:
       raise ValueError(f"object_side must be in (28, input_side]: a box must be larger than 28 px; "
                        f"got {self.object_side}")
@@ -89,6 +92,8 @@ class SceneConfig:
       raise ValueError(f"dot_side must be in [1, object_side), got {self.dot_side}")
     if self.lattice < 1 or not 0 <= self.jitter < self.lattice:
       raise ValueError(f"need lattice >= 1 and 0 <= jitter < lattice, got {self.lattice}, {self.jitter}")
+    if not 0 <= 2 * self.ring < self.object_side - self.dot_side:
+      raise ValueError(f"ring must be in [0, (object_side - dot_side) / 2), got {self.ring}")
     if ((len(self.slots()) + 1) // 2) ** 2 < self.num_objects:
       raise ValueError(f"{self.num_objects} squares do not fit {self.input_side} px on a {self.lattice} px lattice")
 
@@ -141,7 +146,13 @@ def render_scene(rng: np.random.Generator, cfg: SceneConfig,
   for (i, j), color, dot, (dx, dy) in zip(cells, colors, dots, jit):
     x_in, y_in = min(max(slots[i] + int(dx), 0), hi), min(max(slots[j] + int(dy), 0), hi)
     x0, y0 = x_in * s, y_in * s
-    img[y0:y0 + n, x0:x0 + n] = COLORS[color]
+    if cfg.ring:  # the frame only: the background (the position code) shows inside
+      r = cfg.ring * s
+      for sl in ((slice(y0, y0 + r), slice(x0, x0 + n)), (slice(y0 + n - r, y0 + n), slice(x0, x0 + n)),
+                 (slice(y0, y0 + n), slice(x0, x0 + r)), (slice(y0, y0 + n), slice(x0 + n - r, x0 + n))):
+        img[sl] = COLORS[color]
+    else:
+      img[y0:y0 + n, x0:x0 + n] = COLORS[color]
     o = (n - d) // 2
     img[y0 + o:y0 + o + d, x0 + o:x0 + o + d] = DOT_COLORS[dot]
     objects.append(SceneObject(color, dot, (x0, y0, x0 + n, y0 + n),

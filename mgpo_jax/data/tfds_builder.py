@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 from etils import epath
@@ -119,6 +120,21 @@ class MgpoDataset(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format: str = FILE_FORMAT, **kwargs):
     super().__init__(file_format=file_format, **kwargs)
 
+  def _create_builder_config(self, builder_config, version):
+    # Our configs are made per run from the experiment config, by design never declared in
+    # BUILDER_CONFIGS: TFDS would warn "Using custom data configuration" with the whole config each time.
+    if isinstance(builder_config, MgpoConfig):
+      return builder_config
+    return super()._create_builder_config(builder_config, version)
+
+  # TFDS prints "Downloading and preparing dataset ..." (nothing is downloaded: the source is local) and
+  # "... downloaded and prepared" to stdout; the program logs its own line about the build instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -139,6 +155,8 @@ class MgpoDataset(tfds.core.GeneratorBasedBuilder):
 
 def build(config: MgpoConfig, data_dir: str | os.PathLike) -> MgpoDataset:
   """Builds (or reuses, if already built) the dataset of `config` under `data_dir`."""
+  if not sys.stderr.isatty():  # TFDS's bars redraw with \r and cursor codes: noise in a log file
+    tfds.disable_progress_bar()
   builder = MgpoDataset(config=config, data_dir=os.fspath(data_dir))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)

@@ -321,6 +321,10 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, src: str | os.Pa
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  # mkdtemp makes the folder private (0700); the result is a folder to publish: the umask's mode.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
   if os.path.exists(dst):
     old = tmp + ".old"
     os.rename(dst, old)

@@ -4,7 +4,11 @@
 
   <workdir>/metrics.jsonl          one JSON object per step: {"step": 12, "reward": 0.5, ...}
   <workdir>/tensorboard/events.*   scalars, images and texts for TensorBoard (`io.events`)
-  stderr                           a tqdm bar with the key numbers
+  stderr                           a tqdm bar with the key numbers on a terminal; elsewhere (a log file,
+                                   a terminal of unknown width) one log line per step instead
+
+While the bar is shown, log records (warnings of skipped images, say) first clear it, so that they
+print on lines of their own and the bar is redrawn below them at the next step.
 
 Resuming: `MetricsWriter(workdir, start_step=k)` (k = the restored checkpoint's step, 0 for a fresh
 run) drops the lines of metrics.jsonl with step > k, which a crashed run logged after its last
@@ -18,7 +22,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -35,6 +41,29 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Shown in the progress bar when present (a metric matches by name or by its last "/" part).
 PROGRESS_KEYS = ("rollout/reward_mean", "rollout/valid_box_rate", "train/loss", "train/kl", "train/entropy", "eval/accuracy")
+
+
+class _ClearBar(logging.Filter):
+  """Clears the bar before a handler prints a record (a filter runs just before the handler emits)."""
+
+  def __init__(self, bar):
+    super().__init__()
+    self._bar = bar
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    self._bar.clear()
+    return True
+
+
+def _terminal_columns(stream) -> int:
+  """Width of the terminal `stream` is, 0 when it is not a terminal or its width is unknown."""
+  try:
+    if not stream.isatty():
+      return 0
+    return os.get_terminal_size(stream.fileno()).columns
+  except (AttributeError, OSError, ValueError):
+    return shutil.get_terminal_size((0, 0)).columns if getattr(stream, "isatty", lambda: False)() else 0
+
 
 # ------------------------------------------------------------------------------------------------
 # The writer the training loop uses.
@@ -111,6 +140,10 @@ class MetricsWriter:
     self._progress_keys = tuple(progress_keys)
     self._last_step: int | None = None
     self._jsonl = self._events = self._bar = None
+    self._total_steps = total_steps
+    self._t_last = time.perf_counter()
+    self._log_lines = False
+    self._filtered: list[logging.Handler] = []
     if not self.is_primary:
       return
     paths.makedirs(self.workdir)
@@ -130,8 +163,18 @@ class MetricsWriter:
       self._events = events_lib.EventFileWriter(paths.join_path(self.workdir, TENSORBOARD_DIR))
       self._events.session_start(self.start_step + 1)
     if total_steps is not None:
-      self._bar = tqdm.tqdm(total=total_steps, initial=self.start_step, unit="step",
-                            dynamic_ncols=True, file=progress_stream or sys.stderr)
+      stream = progress_stream or sys.stderr
+      columns = _terminal_columns(stream)
+      if columns > 0 or progress_stream is not None:
+        # A fixed width when the terminal does not say its own (tqdm would print nothing).
+        self._bar = tqdm.tqdm(total=total_steps, initial=self.start_step, unit="step",
+                              dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100, file=stream)
+        self._filter = _ClearBar(self._bar)
+        self._filtered = list(logging.getLogger().handlers)
+        for h in self._filtered:
+          h.addFilter(self._filter)
+      else:  # a log file or a pipe: \r-redrawn bars would fill it; one line per step instead
+        self._log_lines = True
 
   @property
   def last_step(self) -> int | None:
@@ -159,11 +202,16 @@ class MetricsWriter:
     self._last_step = step
     if self._events is not None:
       self._events.scalars(step, values)
+    shown = {self._short(k): f"{v:.4g}" for k, v in values.items() if self._shows(k)}
     if self._bar is not None:
       self._bar.update(max(0, step - self._bar.n))
-      shown = {self._short(k): f"{v:.4g}" for k, v in values.items() if self._shows(k)}
       if shown:
         self._bar.set_postfix(shown, refresh=True)
+    elif self._log_lines:
+      now = time.perf_counter()
+      logger.info("step %d/%d (%.1f s): %s", step, self._total_steps, now - self._t_last,
+                  ", ".join(f"{k} {v}" for k, v in shown.items()))
+      self._t_last = now
 
   def _shows(self, key: str) -> bool:
     return key in self._progress_keys or key.rsplit("/", 1)[-1] in self._progress_keys
@@ -183,6 +231,9 @@ class MetricsWriter:
       self._events.texts(int(step), texts)
 
   def close(self) -> None:
+    for h in self._filtered:
+      h.removeFilter(self._filter)
+    self._filtered = []
     for closable in (self._jsonl, self._events, self._bar):
       if closable is not None:
         closable.close()

@@ -2,9 +2,9 @@
 
 The command line is `tools/plan.py`:
 
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5p-64
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5e-64 --search       # fitting layouts
-  python tools/plan.py --config=configs/tpu_v5.py --topology=v5p-16 --mesh=1,4,2 --micro_rows_per_device=1 --aot
+  python tools/plan.py --config=tpu_v5 --topology=v5p-64
+  python tools/plan.py --config=tpu_v5 --topology=v5e-64 --search       # fitting layouts
+  python tools/plan.py --config=tpu_v5 --topology=v5p-16 --mesh=1,4,2 --micro_rows_per_device=1 --aot
 
 For the model the config names (e.g. the real Qwen2.5-VL-7B) on the configured mesh, per device:
 
@@ -32,7 +32,6 @@ decoded token if the sampler kept the FSDP (training) layout instead.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from jax.experimental import topologies
 from jax.sharding import AbstractMesh
 
 from mgpo_jax import config as cs
+from mgpo_jax.config import files as config_files
 from mgpo_jax.learner import Learner, LearnerConfig, Precision, TrainState
 from mgpo_jax.models.qwen2_5_vl.params import abstract_model
 from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs
@@ -98,16 +98,8 @@ def parse_topology(topology: str) -> tuple[Chip, int]:
 
 
 def load_config(path: str):
-  """The ConfigDict of configs/<name>.py (imported with the repository root on sys.path)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config file {path!r}")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # configs/*.py import their siblings as `configs.base`
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(f"_plan_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """The ConfigDict of an experiment file or a packaged config's name (`tpu_v5`, `tpu_v5`)."""
+  return config_files.load_config_file(config_files.resolve_config_path(path))
 
 
 def model_config(config, model: str = ""):

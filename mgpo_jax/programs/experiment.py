@@ -119,6 +119,25 @@ def hf_config(config: Any, model_cfg: Qwen25VLConfig) -> dict[str, Any]:
   return model_cfg.to_hf_dict()
 
 
+def write_release_assets(config: Any, model_cfg: Qwen25VLConfig, tokenizer, assets_dir: str) -> None:
+  """The files beside the tokenizer that make an export a complete HF release folder.
+
+  `preprocessor_config.json`: the image processor this run feeds the model (its min/max_pixels), so that
+  `AutoProcessor.from_pretrained(export)` prepares images as training did; `generation_config.json`:
+  stop at <|im_end|>, pad with the tokenizer's pad token (kept when the source checkpoint brings one).
+  """
+  if jax.process_index() != 0:
+    return
+  paths.makedirs(assets_dir)
+  image = config_lib.image_processor_config(config)
+  paths.write_json_atomic(os.path.join(assets_dir, "preprocessor_config.json"), image.to_hf_dict())
+  gen_path = os.path.join(assets_dir, "generation_config.json")
+  if paths.read_bytes(gen_path) is None:
+    eos = model_cfg.eos_token_id
+    paths.write_json_atomic(gen_path, {"bos_token_id": model_cfg.bos_token_id, "eos_token_id": eos,
+                                       "pad_token_id": tokenizer.pad_token_id, "do_sample": False})
+
+
 def build_model(config: Any, model_cfg: Qwen25VLConfig, mesh: Mesh):
   """The initial policy in float32 (the learner's master copy), created directly sharded on `mesh`."""
   if config.model.init == config_lib.ModelInit.HF:

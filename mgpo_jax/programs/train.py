@@ -17,6 +17,8 @@ after a restart are the steps an uninterrupted run takes. SIGTERM (TPU preemptio
 
 from __future__ import annotations
 
+import filecmp
+import json
 import logging
 import os
 import signal
@@ -135,6 +137,82 @@ def _restore(mngr, step: int, learner: Learner, data_iter) -> TrainState:
   return TrainState(step=optimizer_step, params=abs_params, opt_state=opt_state)
 
 
+# Keys of the HF config that do not describe the stored weights (the compute dtype is not stored:
+# checkpoints hold float32 parameters whatever model.dtype is).
+_NOT_STORED = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif k not in _NOT_STORED:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume(root: str, hf_config: dict[str, Any], tokenizer_dir: str | None, process_count: int) -> None:
+  """Raises a one-line CheckpointError when the checkpoints under `root` cannot be resumed by this run.
+
+  Runs before anything in the workdir is written, so that a restart with a changed config (model
+  shapes, tokenizer, number of processes) stops with the workdir as it was, instead of overwriting
+  `hf_config.json` and failing later in the restore.
+  """
+  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else []) if n.isdigit()]
+  if not steps:
+    return
+  where = f"cannot resume {os.path.dirname(root)} (checkpoints up to step {max(steps)})"
+  fix = "rerun with the config it was made with, or use another --workdir"
+  stored_path = os.path.join(root, ckpt_io.HF_CONFIG)
+  if os.path.isfile(stored_path):
+    with open(stored_path, encoding="utf-8") as f:
+      stored, new = _flat(json.load(f)), _flat(hf_config)
+    diffs = [f"{k}={stored.get(k, '(absent)')!r} in the checkpoints, {new.get(k, '(absent)')!r} in this config"
+             for k in sorted(set(stored) | set(new)) if stored.get(k) != new.get(k)]
+    if diffs:
+      shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+      raise ckpt_io.CheckpointError(f"{where}: the model differs: {shown}; {fix}")
+  stored_tok = os.path.join(root, ckpt_io.HF_ASSETS, "tokenizer.json")
+  new_tok = os.path.join(tokenizer_dir, "tokenizer.json") if tokenizer_dir else ""
+  if os.path.isfile(stored_tok) and os.path.isfile(new_tok) and not filecmp.cmp(stored_tok, new_tok, shallow=False):
+    raise ckpt_io.CheckpointError(f"{where}: the tokenizer differs from the one the checkpoints were made "
+                                  f"with ({stored_tok} vs {new_tok}); {fix}")
+  data_dir = os.path.join(root, str(max(steps)), DATA)
+  written = [n for n in (os.listdir(data_dir) if os.path.isdir(data_dir) else []) if n.startswith("process_")]
+  if written and not any(n.endswith(f"-of-{process_count}.json") for n in written):
+    raise ckpt_io.CheckpointError(f"{where}: its data-iterator state was saved by {written[0]!r}, "
+                                  f"this run has {process_count} process(es); {fix}")
+
+
+def summary(workdir: str, config_arg: str, started: float) -> str:
+  """What a finished (or stopped) run says last: its numbers and where everything is."""
+  workdir = workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
+  rows = metrics_lib.read_metrics(workdir)
+  root = os.path.join(workdir, ckpt_io.CHECKPOINTS_SUBDIR)
+  steps = sorted(int(n) for n in (os.listdir(root) if os.path.isdir(root) else []) if n.isdigit())
+  last = rows[-1] if rows else {}
+  evals = [r for r in rows if "eval/accuracy" in r]
+  numbers = [f"{k.split('/', 1)[1]} {last[k]:.3g}" for k in ("rollout/reward_mean", "rollout/valid_box_rate")
+             if isinstance(last.get(k), (int, float))]
+  if evals:
+    numbers.append(f"eval accuracy {evals[-1]['eval/accuracy']:.3g} (step {evals[-1]['step']})")
+  cfg = f"--config={config_arg} " if config_arg else ""
+  lines = [f"done: step {last.get('step', 0)} in {time.perf_counter() - started:.0f} s"
+           + (f"; {', '.join(numbers)}" if numbers else ""),
+           f"  metrics      {os.path.join(workdir, metrics_lib.METRICS_FILE)}",
+           f"  tensorboard  tensorboard --logdir {os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}"]
+  pages = os.path.join(workdir, visualize.ROLLOUTS_DIR, "index.html")
+  if paths.is_remote(workdir) or os.path.isfile(pages):
+    lines.append(f"  rollouts     {pages}")
+  lines += [f"  checkpoints  {root}" + (f" (steps {', '.join(map(str, steps))})" if steps else ""),
+            "  resume       the same command (to go further: --config.train.num_steps=N)",
+            f"  evaluate     python -m mgpo_jax.evaluate {cfg}--checkpoint={workdir}",
+            f"  export       python tools/convert_weights.py --direction=jax_to_hf --src={workdir} "
+            f"--dst={workdir.rstrip('/')}_hf  (or train.export_hf_at_end=True)"]
+  return "\n".join(lines)
+
+
 def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model_cfg, pad_id: int):
   """Rollouts of this process's `samples` -> (host TrainBatch, trajectories, rollout metrics).
 
@@ -181,10 +259,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   mesh = experiment.make_mesh(config)
   tokenizer = experiment.load_tokenizer(config, workdir)
   model_cfg = experiment.build_model_config(config, tokenizer)
-  learner = Learner(config_lib.learner_config(config), model_cfg, mesh)
   root = os.path.join(workdir, ckpt_io.CHECKPOINTS_SUBDIR)
-  model_ckpt.write_root(root, experiment.hf_config(config, model_cfg),
-                        assets_from=experiment.tokenizer_dir(config, workdir))
+  hf_config = experiment.hf_config(config, model_cfg)
+  if not paths.is_remote(root):
+    check_resume(root, hf_config, experiment.tokenizer_dir(config, workdir), jax.process_count())
+  learner = Learner(config_lib.learner_config(config), model_cfg, mesh)
+  model_ckpt.write_root(root, hf_config, assets_from=experiment.tokenizer_dir(config, workdir))
+  experiment.write_release_assets(config, model_cfg, tokenizer, os.path.join(root, ckpt_io.HF_ASSETS))
   mngr = _checkpoint_manager(config, root)
 
   local_batch = config.data.batch_size // jax.process_count()
@@ -223,6 +304,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       eval_set, categories = experiment.eval_samples(config), experiment.eval_categories(config)
     return eval_loop.evaluate(eval_engine, eval_set, batch_size=config.eval.batch_size, categories=categories)
 
+  if step < t.num_steps:  # minutes on a TPU for a 7B model; nothing would show on screen meanwhile
+    logger.info("step %d: compiling the rollout and update programs (XLA); the first step takes longer",
+                step + 1)
   try:
     if t.eval_at_start and writer.last_step is None:  # the initial policy's numbers, as step 0
       writer.write_scalars(0, run_eval())

@@ -1,6 +1,6 @@
 """MGPO vs single-turn GRPO vs the random-crop control at laptop scale, from the tiny pretrained base.
 
-  python -m mgpo_jax.repro --config=configs/repro_scenes.py --workdir=/tmp/mgpo_repro
+  python -m mgpo_jax.repro --config=repro_scenes --workdir=/tmp/mgpo_repro
 
 <workdir>/
   base_gates.json            what the base can do (`gates.py`), measured once
@@ -23,12 +23,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# First: quiets third-party notices printed at import time.
+from mgpo_jax.programs import console  # pylint: disable=g-bad-import-order
+
 import numpy as np
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from mgpo_jax import config as config_lib
+from mgpo_jax.programs import cli
 from mgpo_jax.programs import train as train_program
 from mgpo_jax.repro import gates as gates_lib
 from mgpo_jax.repro import pretrain
@@ -253,14 +255,12 @@ def write_results(workdir: str, summary: Mapping[str, Any]) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  summary = run(_CONFIG.value, _WORKDIR.value)
+  console.quiet_third_party()
+  summary = run(_CONFIG.load(), _WORKDIR.value)
   print(results_markdown(summary))
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro_scenes.py", "Comparison config.",
-                                            lock_config=True)
+  _CONFIG = cli.define_config_flag("repro_scenes", "Comparison config.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the comparison.", required=True)
-  app.run(main)
+  cli.run(main, "mgpo_jax.repro")

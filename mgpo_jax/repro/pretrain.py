@@ -358,7 +358,10 @@ def main(argv: Sequence[str]) -> None:
   cfg = dataclasses.replace(PretrainConfig(), steps=_STEPS.value, batch_size=_BATCH.value, seed=_SEED.value,
                             init_dir=_INIT_DIR.value, learning_rate=_LR.value,
                             warmup_steps=min(PretrainConfig.warmup_steps, _STEPS.value - 1),
-                            mix=tuple(float(x) for x in _MIX.value))
+                            mix=tuple(float(x) for x in _MIX.value),
+                            eval_every=_EVAL_EVERY.value,
+                            scene=dataclasses.replace(PretrainConfig.scene, ring=_RING.value,
+                                                      num_objects=_NUM_OBJECTS.value))
   print(json.dumps(run(cfg, _OUT.value), indent=1))
 
 
@@ -370,4 +373,7 @@ if __name__ == "__main__":
   _INIT_DIR = flags.DEFINE_string("init_dir", "", "Continue from this base (HF folder) instead of a random init.")
   _LR = flags.DEFINE_float("learning_rate", PretrainConfig.learning_rate, "Peak learning rate.")
   _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format steps.")
+  _EVAL_EVERY = flags.DEFINE_integer("eval_every", PretrainConfig.eval_every, "Held-out NLLs every this many steps.")
+  _RING = flags.DEFINE_integer("ring", PretrainConfig.scene.ring, "Squares as frames of this width (0: solid).")
+  _NUM_OBJECTS = flags.DEFINE_integer("num_objects", PretrainConfig.scene.num_objects, "Squares per scene.")
   app.run(main)

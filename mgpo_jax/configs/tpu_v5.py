@@ -11,7 +11,7 @@ bench/README.md). For another slice size change only the mesh, e.g. v5p-128:
   python -m mgpo_jax.main --config=configs/tpu_v5.py --workdir=gs://BUCKET/runs/mgpo_7b
 """
 
-from configs import base
+from mgpo_jax.configs import base
 
 
 def get_config():

@@ -8,7 +8,7 @@ rarely writes a valid box or the right letter: rewards stay near chance; it show
   python -m mgpo_jax.main --config=configs/cpu_tiny.py --workdir=/tmp/mgpo
 """
 
-from configs import base
+from mgpo_jax.configs import base
 
 
 def get_config():

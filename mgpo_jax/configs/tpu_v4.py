@@ -9,7 +9,7 @@ smaller sampling and micro batches below (same results, more sequential work). F
   python -m mgpo_jax.main --config=configs/tpu_v4.py --workdir=gs://BUCKET/runs/mgpo_7b_v4
 """
 
-from configs import base
+from mgpo_jax.configs import base
 
 
 def get_config():

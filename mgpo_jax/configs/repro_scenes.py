@@ -15,7 +15,7 @@ Three RL arms from that base, same budget and seeds: MGPO, GRPO (rollout.single_
 each arm's rollout switches.
 """
 
-from configs import base
+from mgpo_jax.configs import base
 from mgpo_jax import config as config_lib
 from mgpo_jax.repro import config as repro_config
 
