@@ -21,6 +21,13 @@ forced tokens, rng) are traced, so after warm-up nothing recompiles.
 
 Rows are left padded per chunk (so the last column is every row's last token); rows with an empty chunk
 emit nothing. Images use the batched (per-row) vision layout of `prepare_vision_batch`.
+
+Shared prompts (`SamplerConfig.share_prompts`): `start` prefills each distinct (tokens, images) row once
+and copies its KV cache rows, last logits and next positions to every row that repeats it, then decodes
+all rows as usual (a row's key, hence its samples, is its own):
+
+  rows   p0 p1 p0 p0 p1        prefill [p0, p1] (G rows, padded to a power of two)
+  cache  [p0][p1]  --take rows [0 1 0 0 1]-->  [p0][p1][p0][p0][p1]  --> decode 5 rows
 """
 
 from __future__ import annotations
