@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import common, host, reshard, rollout, train_step
+from bench import common, flat_vision, host, reshard, rollout, shared_rollout, train_step
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,21 @@ def test_reshard_smoke(tmp_path):
 def test_markdown_table_formats():
   md = common.markdown_table([{"a": 1.23456, "b": True, "c": 1e-9}])
   assert md.splitlines()[0] == "| a | b | c |" and "1.235" in md and "yes" in md and "1.000e-09" in md
+
+
+def test_flat_vision_smoke(tmp_path):
+  out = flat_vision.run(images=3, side=8, repeats=1, out_dir=str(tmp_path))  # raises if the layouts' losses differ
+  data, md = _load(tmp_path, "flat_vision")
+  rows = {r["layout"]: r for r in data["sections"]["Step time"]}
+  assert len(rows) == 3 and all(_positive(r["step s (median)"]) for r in rows.values())
+  assert rows["packed rows (flattened, now)"]["vision rows x patches"] == "3x64"
+  assert out["meta"]["images"] == 3
+
+
+def test_shared_rollout_smoke(tmp_path):
+  shared_rollout.run("smoke", prompts=2, generations=2, prompt_text=8, image_px=56, crop_px=28, turn1_tokens=3,
+                     turn2_tokens=2, repeats=1, out_dir=str(tmp_path))  # raises if shared != per-row tokens
+  data, md = _load(tmp_path, "shared_rollout")
+  rows = {r["variant"]: r for r in data["sections"]["Rollout time"]}
+  assert set(rows) == {"shared", "per row"} and data["meta"]["same_tokens"] is True
+  assert all(_positive(r["rollout s (median)"]) for r in rows.values())

@@ -422,6 +422,9 @@ def test_rollout_and_sampler_settings():
   s = cs.sampler_config(c)
   assert s.prompt_buckets == (512, 640) and s.cache_buckets == (1024, 1280)
   assert s.patch_buckets == (256, 512) and s.new_token_buckets == (24,)
+  assert s.share_prompts  # on by default; the switch reaches the sampler
+  c.rollout.share_prompts = False
+  assert not cs.sampler_config(c).share_prompts
 
 
 def test_model_config_from_hf_dir(tmp_path):

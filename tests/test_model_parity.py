@@ -71,6 +71,21 @@ def test_batch_left_padding_different_numbers_of_images(ref_untied, ours_untied)
   compare(ours_untied, ref_untied[1], ids, mask, R.random_pixels(g0 + g1, rng), grids)
 
 
+def test_flattened_batch_of_images_of_different_sizes(ref_untied, ours_untied):
+  """Five images of different sizes over three input rows in one flattened call: the vision tower runs on
+  rows of whole images (four images share the first, from different input rows; the largest has its own),
+  and every logit still matches transformers, whose attention stays within each image (cu_seqlens)."""
+  rng = np.random.default_rng(7)
+  g0, g1, g2 = [(1, 8, 10)], [(1, 6, 4), (1, 12, 8)], [(1, 4, 4), (1, 16, 16)]
+  vision = qwen2_5_vl.prepare_vision_images(R.random_pixels(g0 + g1 + g2, rng), np.array(g0 + g1 + g2),
+                                            ours_untied.cfg.vision)
+  assert vision.flat_order and vision.pixels_PC.shape[:2] == (2, 256)  # rows: [80 24 96 16], [256]
+  ids, mask = left_pad([R.image_prompt(g, rng=rng, text_before=(5,) * (i + 1)) for i, g in enumerate((g0, g1, g2))],
+                       pad_id=0)
+  grids = np.array(g0 + g1 + g2)
+  compare(ours_untied, ref_untied[1], ids, mask, R.random_pixels(g0 + g1 + g2, rng), grids)
+
+
 def test_tied_embeddings_and_new_config_spelling(ref_tied, ours_tied):
   assert ours_tied.cfg.tie_word_embeddings and not hasattr(ours_tied, "lm_head")
   rng = np.random.default_rng(4)

@@ -135,7 +135,7 @@ def sampler_config(config: Any) -> sampling.SamplerConfig:
   r = config.rollout
   return sampling.SamplerConfig(
       prompt_buckets=tuple(r.prompt_buckets), new_token_buckets=(r.max_new_tokens,),
-      patch_buckets=tuple(r.patch_buckets), cache_buckets=tuple(r.seq_buckets))
+      patch_buckets=tuple(r.patch_buckets), cache_buckets=tuple(r.seq_buckets), share_prompts=r.share_prompts)
 
 
 def image_processor_config(

@@ -235,6 +235,9 @@ class Rollout:
   # that token (with the model's log-prob of it) in the loss.
   train_on_forced_close: bool = True
   host_workers: int = field(8, lo=1)  # Threads for the host work between turns (parse, crop, preprocess).
+  # Prefill and vision-encode each prompt once for its num_generations rows, which then decode from
+  # copies of its KV cache (same samples as without; False for A/B and debugging).
+  share_prompts: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,13 @@ forced tokens, rng) are traced, so after warm-up nothing recompiles.
 
 Rows are left padded per chunk (so the last column is every row's last token); rows with an empty chunk
 emit nothing. Images use the batched (per-row) vision layout of `prepare_vision_batch`.
+
+Shared prompts (`SamplerConfig.share_prompts`): `start` prefills each distinct (tokens, images) row once
+and copies its KV cache rows, last logits and next positions to every row that repeats it, then decodes
+all rows as usual (a row's key, hence its samples, is its own):
+
+  rows   p0 p1 p0 p0 p1        prefill [p0, p1] (G rows, padded to a power of two)
+  cache  [p0][p1]  --take rows [0 1 0 0 1]-->  [p0][p1][p0][p0][p1]  --> decode 5 rows
 """
 
 from __future__ import annotations
@@ -90,6 +97,11 @@ class SamplerConfig:
   # of the decoder weights and of the KV cache per call, and compile time grows with the layers.
   # None: on when the default backend is CPU.
   unroll_decode: bool | None = None
+  # `start` prefills (and vision-encodes) each distinct row once and gives its duplicates a copy of its
+  # KV cache, logits and positions before decoding; decoding, keys and later turns stay per row. MGPO
+  # repeats each prompt `num_generations` times, so this divides the turn-1 prefill by that much.
+  # The number of distinct rows is padded to a power of two (a static bucket).
+  share_prompts: bool = True
 
   def __post_init__(self):
     for name in ("prompt_buckets", "new_token_buckets", "patch_buckets", "image_buckets", "cache_buckets"):
@@ -169,10 +181,24 @@ def _emit(s: _Loop, logits_BV, params: SamplingParams, eos_E, stops, force_BN, m
 
 
 def _prefill_and_decode(model: Qwen25VL, cache: KVCache, ids_BT, mask_BT, vision, grid_BI3,
-                        params: SamplingParams, eos_E, stops, force_BN, rng, max_top_k: int, unroll: bool):
+                        params: SamplingParams, eos_E, stops, force_BN, rng, max_top_k: int, unroll: bool,
+                        row_of_B=None):
+  """Prefills the chunk, then decodes. With `row_of_B`, the chunk's rows are the distinct prompts
+  (cache, ids, mask: [G, ...]) and row b of the output decodes from a copy of prompt row_of_B[b]."""
+  h_GTD, cache = model.extend(cache, ids_BT, mask_BT, vision, grid_BI3)
+  logits_BV = model.logits(h_GTD[:, -1:])[:, 0]
+  if row_of_B is not None:
+    take = lambda x, axis: jnp.take(x, row_of_B, axis=axis)
+    cache = cache.replace(k_LBKSH=take(cache.k_LBKSH, 1), v_LBKSH=take(cache.v_LBKSH, 1),
+                          mask_BS=take(cache.mask_BS, 0), next_pos_B=take(cache.next_pos_B, 0))
+    logits_BV, mask_BT = take(logits_BV, 0), take(mask_BT, 0)
+  return _decode(model, cache, logits_BV, mask_BT, params, eos_E, stops, force_BN, rng, max_top_k, unroll)
+
+
+def _decode(model: Qwen25VL, cache: KVCache, logits_BV, mask_BT, params: SamplingParams, eos_E, stops,
+            force_BN, rng, max_top_k: int, unroll: bool):
+  """Samples from the prefill's last logits, then decodes token by token (`lax.while_loop`)."""
   B, N = force_BN.shape
-  h_BTD, cache = model.extend(cache, ids_BT, mask_BT, vision, grid_BI3)
-  logits_BV = model.logits(h_BTD[:, -1:])[:, 0]
   layers = None
   if unroll:  # sliced once here, outside the loop (see SamplerConfig.unroll_decode)
     layers, cache = model.decoder_layers(), cache.unstack()
@@ -214,12 +240,12 @@ def _prefill_and_decode(model: Qwen25VL, cache: KVCache, ids_BT, mask_BT, vision
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "cache_dtype", "max_top_k", "unroll"))
-def _start(graphdef, state, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops, force_BN, rng, *,
-           cache_size: int, cache_dtype, max_top_k: int, unroll: bool):
+def _start(graphdef, state, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops, force_BN, rng,
+           row_of_B=None, *, cache_size: int, cache_dtype, max_top_k: int, unroll: bool):
   model = nnx.merge(graphdef, state)
   cache = KVCache.init(model.cfg, ids_BT.shape[0], cache_size, cache_dtype)
   return _prefill_and_decode(model, cache, ids_BT, mask_BT, vision, grid_BI3, params, eos_E, stops,
-                             force_BN, rng, max_top_k, unroll)
+                             force_BN, rng, max_top_k, unroll, row_of_B)
 
 
 # The cache is donated: it is updated in place, so a continued conversation never holds two copies of it.
@@ -241,6 +267,33 @@ def _grow(cache: KVCache, *, size: int) -> KVCache:
 
 
 RowImages = tuple[np.ndarray, np.ndarray]  # (pixel_values [P, C], grid_thw [I, 3]) of one row's chunk
+
+
+def _distinct_rows(rows, images):
+  """The distinct (tokens, images) rows, padded with empty rows to a power of two, and which of them
+  each input row is; (rows, images, None) when no two rows are the same (nothing to share)."""
+  images = [None] * len(rows) if images is None else list(images)
+  uniq, of_key, row_of = [], {}, []
+  for r, im in zip(rows, images):
+    r = np.asarray(r, np.int64).reshape(-1)
+    grid = None if im is None else np.asarray(im[1], np.int64).reshape(-1, 3)
+    pv = None if im is None else np.asarray(im[0])
+    key = (r.tobytes(), None if grid is None else grid.tobytes(), None if pv is None else (pv.shape, pv.dtype.str))
+    for u in of_key.setdefault(key, []):  # same tokens and grids: compare the pixels (the same array in MGPO)
+      upv = uniq[u][1]
+      if pv is None or upv[0] is im[0] or np.array_equal(upv[0], pv):
+        row_of.append(u)
+        break
+    else:
+      of_key[key].append(len(uniq))
+      row_of.append(len(uniq))
+      uniq.append((r, im))
+  if len(uniq) == len(rows):
+    return rows, (None if all(im is None for im in images) else images), None
+  G = min(1 << (len(uniq) - 1).bit_length(), len(rows))
+  pad = G - len(uniq)
+  return ([u[0] for u in uniq] + [np.zeros(0, np.int64)] * pad, [u[1] for u in uniq] + [None] * pad,
+          np.asarray(row_of, np.int32))
 
 
 class Sampler:
@@ -287,14 +340,18 @@ class Sampler:
     their log-probs are still the model's).
     """
     t0 = time.perf_counter()
+    row_of_B = None
+    if self.cfg.share_prompts:
+      rows, images, row_of_B = _distinct_rows(rows, images)
     chunk = self._chunk(rows, images)
-    call = self._call_args(len(rows), max_new_tokens, **kw)
+    call = self._call_args(len(row_of_B) if row_of_B is not None else len(rows), max_new_tokens, **kw)
     size = bucket(chunk[0].shape[1] + call["force_BN"].shape[1] + 1 + reserve, self.cfg.cache_buckets,
                   "cache slots (chunk + new tokens + 1 + reserve)")
     t1 = time.perf_counter()
     outs, cache = _start(graphdef=self.graphdef, state=self.state, ids_BT=chunk[0], mask_BT=chunk[1],
                          vision=chunk[2], grid_BI3=chunk[3], params=call["params"], eos_E=call["eos_E"],
-                         stops=call["stops"], force_BN=call["force_BN"], rng=call["rng"], cache_size=size,
+                         stops=call["stops"], force_BN=call["force_BN"], rng=call["rng"],
+                         row_of_B=None if row_of_B is None else jnp.asarray(row_of_B), cache_size=size,
                          cache_dtype=self.cache_dtype, max_top_k=self.cfg.max_top_k, unroll=self.unroll)
     return self._finish(outs, cache, max_new_tokens, t0, t1)
 

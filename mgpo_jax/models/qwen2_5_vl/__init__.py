@@ -11,4 +11,5 @@ from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, UnsupportedConfigE
 from mgpo_jax.models.qwen2_5_vl.model import KVCache, Qwen25VL, check_image_tokens, mrope_cos_sin, rope_index
 from mgpo_jax.models.qwen2_5_vl.params import (CheckpointMismatchError, abstract_model, from_pretrained,
                                                hf_shapes, init_model, iter_hf_tensors, load_hf_state)
-from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, prepare_vision_batch, prepare_vision_inputs
+from mgpo_jax.models.qwen2_5_vl.vision import (VisionInputs, prepare_vision_batch, prepare_vision_images,
+                                              prepare_vision_inputs)

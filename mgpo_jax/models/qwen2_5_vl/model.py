@@ -34,7 +34,7 @@ from flax import nnx
 
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.layers import NEG_INF, apply_rope, attention, param, rms_norm
-from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_inputs
+from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_images
 
 
 @flax.struct.dataclass
@@ -212,7 +212,18 @@ class Qwen25VL(nnx.Module):
     if vision is None:
       return x_BTD
     is_img = (input_ids_BT == self.cfg.image_token_id) & mask_BT.astype(bool)
-    if vision.pixels_PC.ndim == 3:
+    if vision.pixels_PC.ndim == 3 and vision.flat_order:
+      # Rows packed with whole images (`prepare_vision_images`): each row's real features come first in it
+      # (HF order), so reading the rows in turn, padding skipped, gives the flattened HF order.
+      feats_RUD = jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision).astype(x_BTD.dtype)
+      R, U, D = feats_RUD.shape
+      real_R = jnp.sum(vision.image_seg_P >= 0, axis=1) // self.cfg.vision.merge_unit
+      real_RU = jnp.arange(U)[None, :] < real_R[:, None]
+      order = jnp.argsort(~real_RU.reshape(-1), stable=True)  # real units first, in (row, unit) order
+      feats_UD = feats_RUD.reshape(R * U, D)[order]
+      idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+      gathered = feats_UD[jnp.clip(idx, 0, R * U - 1)]
+    elif vision.pixels_PC.ndim == 3:
       # Batched layout: each row carries its own images, so rows shard together with their pixels.
       feats_BUD = jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision).astype(x_BTD.dtype)
       idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
@@ -354,7 +365,8 @@ class Qwen25VL(nnx.Module):
       if image_grid_thw is None:
         raise ValueError("pixel_values given without image_grid_thw")
       check_image_tokens(ids, mask, image_grid_thw, self.cfg)
-      vision = prepare_vision_inputs(pixel_values, image_grid_thw, self.cfg.vision)
+      # Rows of whole images, not one sequence of all the batch's patches: attention stays within images.
+      vision = prepare_vision_images(pixel_values, image_grid_thw, self.cfg.vision)
     elif ((ids == self.cfg.image_token_id) & (mask > 0)).any():
       raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values were given")
     grid = None if vision is None else np.asarray(image_grid_thw).reshape(-1, 3)

@@ -8,6 +8,16 @@ numpy and pads everything to a static patch count, so the jitted tower sees fixe
   features in HF order (one row per <|image_pad|> token)
 
 Window attention and "attend only within one image/frame" are both expressed as segment ids.
+
+A batch of images in transformers' flattened layout (`pixel_values` [total patches, 1176], one grid per
+image) is not run as one long sequence: a full-attention block would then score every patch against every
+patch of the batch, (total)^2, although only the patches of the same image count. `prepare_vision_images`
+packs whole images, in order, into rows of a fixed capacity (the largest image) and the tower runs per
+row (vmapped), so a full block costs at most rows x capacity^2 <= 2 x total x capacity:
+
+  images  [a a a a a a][b b][c c c][d d d d d d]       (flattened, HF order)
+  rows    row 0: a a a a a a          row 1: b b c c c .     row 2: d d d d d d
+  features: row by row, padding dropped  ->  a.. b.. c.. d..  (HF order again)
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ class VisionInputs:
   window_seg_P: jax.Array   # window id; -1 on padding
   image_seg_P: jax.Array    # (image, frame) id; -1 on padding
   restore_U: jax.Array      # merged tokens: window order -> HF order (argsort of the window index)
+  # Batched layouts only ([R, P, ...]). False: row r holds the images of input row r (`prepare_vision_batch`).
+  # True: rows are packs of whole images (`prepare_vision_images`); their features, row after row with
+  # each row's padding dropped, replace the <|image_pad|> tokens in flattened (batch, sequence) order.
+  flat_order: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def num_patches(grid_thw) -> int:
@@ -118,6 +132,49 @@ def prepare_vision_batch(pixel_values_B, grid_thw_B, cfg: VisionConfig, pad_to: 
           window_seg_P=np.full(pad_to, -1, np.int32), image_seg_P=np.full(pad_to, -1, np.int32),
           restore_U=np.arange(pad_to // cfg.merge_unit, dtype=np.int32)))
   return jax.tree.map(lambda *xs: np.stack(xs), *rows), grids
+
+
+def pack_images(grid_thw, capacity: int) -> list[list[int]]:
+  """Image indices in rows of at most `capacity` patches, in order (next fit: a row closes when the next
+  image does not fit), so reading the rows one after another gives the images in their original order."""
+  sizes = np.prod(np.asarray(grid_thw, np.int64).reshape(-1, 3), axis=1)
+  if len(sizes) and sizes.max() > capacity:
+    raise ValueError(f"an image has {int(sizes.max())} patches, more than the row capacity {capacity}")
+  rows, used = [], capacity + 1
+  for i, n in enumerate(sizes.tolist()):
+    if used + n > capacity:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  return rows
+
+
+def prepare_vision_images(pixel_values, grid_thw, cfg: VisionConfig, capacity: int | None = None,
+                          num_rows: int | None = None) -> VisionInputs:
+  """transformers' flattened layout (all images' patches concatenated) regrouped into rows of whole images.
+
+  Each row holds consecutive images (`pack_images`) padded to `capacity` patches (default: the largest
+  image), so attention is paid per row, never across the whole batch. `num_rows` pads with empty rows (a
+  static bucket). The result has `flat_order=True`: the model takes the features row after row.
+  """
+  grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  pixels = np.asarray(pixel_values)
+  total = num_patches(grid)
+  if pixels.ndim != 2 or pixels.shape != (total, cfg.patch_dim):
+    raise ValueError(f"pixel_values has shape {pixels.shape}, but image_grid_thw {grid.tolist()} needs "
+                     f"({total}, {cfg.patch_dim})")
+  sizes = np.prod(grid, axis=1)
+  capacity = int(sizes.max()) if capacity is None else capacity
+  rows = pack_images(grid, capacity)
+  if num_rows is not None and num_rows < len(rows):
+    raise ValueError(f"{len(grid)} images need {len(rows)} rows of {capacity} patches, more than num_rows={num_rows}")
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  pvs = [pixels[starts[r[0]]:starts[r[-1] + 1]] for r in rows]
+  pvs += [None] * ((num_rows or len(rows)) - len(rows))
+  vision, _ = prepare_vision_batch(pvs, [grid[r] for r in rows] + [None] * (len(pvs) - len(rows)), cfg,
+                                   pad_to=capacity, max_images=max([len(r) for r in rows], default=1))
+  return vision.replace(flat_order=True)
 
 
 def _frame_base(grid: np.ndarray, i: int) -> int:

@@ -1,0 +1,118 @@
+"""MGPO-shaped two-turn rollout with shared prompts (SamplerConfig.share_prompts) on vs off.
+
+Shape (defaults): `prompts` x `generations` rows; turn 1 = a prompt of ~`prompt_text` text tokens + one
+`image_px` square image (448 px -> 1024 patches -> 256 image tokens), identical for the rows of a prompt,
+then `turn1_tokens` sampled tokens; turn 2 = a few text tokens + a per-row crop of `crop_px` (a different
+crop per row) and `turn2_tokens` sampled tokens. No EOS (every row decodes the full length), temperature 1,
+a key per row. Random bench-size weights (`common.get_size`), float32. Both variants run in the same
+process, alternating after one warm-up each; medians. Sanity: both give the same tokens.
+
+  python -m bench.shared_rollout                  # bench size, 2 prompts x 8 rows
+  python -m bench.shared_rollout --size=smoke --repeats=1 --out_dir=/tmp/sr
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from bench import common
+
+
+def run(size: str, prompts: int, generations: int, prompt_text: int, image_px: int, crop_px: int,
+        turn1_tokens: int, turn2_tokens: int, repeats: int, out_dir: str | None) -> dict:
+  import jax
+  from flax import nnx
+
+  from mgpo_jax import sampling
+  from mgpo_jax.models.qwen2_5_vl import Qwen25VL
+
+  cfg = common.get_size(size)
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+
+  def image(px):
+    g = np.array([[1, px // cfg.vision.patch_size, px // cfg.vision.patch_size]])
+    n = int(np.prod(g))
+    return rng.standard_normal((n, cfg.vision.patch_dim)).astype(np.float32), g, n // cfg.vision.merge_unit
+
+  def text(n):
+    return list(rng.integers(10, cfg.vocab_size - 20, n))
+
+  block = lambda n_tok: [cfg.vision_start_token_id] + [cfg.image_token_id] * n_tok + [cfg.vision_end_token_id]
+  firsts = []
+  for _ in range(prompts):
+    pv, g, n_tok = image(image_px)
+    firsts.append((text(prompt_text // 2) + block(n_tok) + text(prompt_text - prompt_text // 2), (pv, g)))
+  B = prompts * generations
+  rows1 = [firsts[b // generations][0] for b in range(B)]
+  images1 = [firsts[b // generations][1] for b in range(B)]
+  crops = [image(crop_px) for _ in range(B)]
+  rows2 = [text(4) + block(c[2]) + text(6) for c in crops]
+  images2 = [(c[0], c[1]) for c in crops]
+  T1 = max(map(len, rows1))
+  T2 = max(map(len, rows2))
+  pow2 = lambda n: 1 << (n - 1).bit_length()
+  scfg = sampling.SamplerConfig(
+      prompt_buckets=tuple(sorted({pow2(T1), pow2(T2)})), new_token_buckets=(pow2(max(turn1_tokens, turn2_tokens)),),
+      patch_buckets=tuple(sorted({pow2(len(images1[0][0])), pow2(len(images2[0][0]))})),
+      cache_buckets=(pow2(T1 + T2 + turn1_tokens + turn2_tokens + 2 * pow2(max(turn1_tokens, turn2_tokens)) + 2),))
+  samplers = {"shared": sampling.Sampler(model, dataclasses.replace(scfg, share_prompts=True)),
+              "per row": sampling.Sampler(model, dataclasses.replace(scfg, share_prompts=False))}
+  keys1 = jax.random.split(jax.random.key(1), B)
+  keys2 = jax.random.split(jax.random.key(2), B)
+  kw = dict(temperature=1.0, eos_token_ids=[])
+  last = {}
+
+  def rollout(name):
+    s = samplers[name]
+    out1, conv = s.start(rows1, images1, max_new_tokens=turn1_tokens, rng=keys1, reserve=T2 + turn2_tokens + 1, **kw)
+    out2, conv = s.extend(conv, rows2, images2, max_new_tokens=turn2_tokens, rng=keys2, **kw)
+    last[name] = (out1, out2)
+    return out1.device_s, out2.device_s
+
+  warm = {name: common.timed(lambda n=name: rollout(n))[0] for name in samplers}
+  turn_s = {name: [] for name in samplers}
+  fns = {name: (lambda n=name: turn_s[n].append(rollout(n))) for name in samplers}
+  times = common.alternate(fns, repeats)
+  same = all(np.array_equal(a.tokens, b.tokens) for a, b in zip(last["shared"], last["per row"]))
+  base = common.median(times["per row"])
+  rows = [{"variant": k, "rollout s (median)": common.median(v), "speed-up vs per row": base / common.median(v),
+           "turn 1 device s": common.median([t[0] for t in turn_s[k]]),
+           "turn 2 device s": common.median([t[1] for t in turn_s[k]]), "compile+first s": warm[k]}
+          for k, v in times.items()]
+  meta = {"machine": common.machine_info(), "size": size, "rows": f"{prompts} prompts x {generations}",
+          "turn1_prompt_tokens": T1, "prompt_image_patches": len(images1[0][0]), "turn1_new_tokens": turn1_tokens,
+          "turn2_chunk_tokens": T2, "crop_patches": len(images2[0][0]), "turn2_new_tokens": turn2_tokens,
+          "repeats": repeats, "same_tokens": same}
+  print(common.markdown_table(rows))
+  print(meta)
+  if not same:
+    raise AssertionError("shared and per-row prefill sampled different tokens")
+  if out_dir is not None:
+    common.write_results("shared_rollout", "Two-turn rollout: shared prompt prefill vs per row",
+                         [("Rollout time", rows)], meta, out_dir=out_dir)
+  return {"rows": rows, "meta": meta}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", default="bench")
+  ap.add_argument("--prompts", type=int, default=2)
+  ap.add_argument("--generations", type=int, default=8)
+  ap.add_argument("--prompt_text", type=int, default=40)
+  ap.add_argument("--image_px", type=int, default=448)
+  ap.add_argument("--crop_px", type=int, default=336)
+  ap.add_argument("--turn1_tokens", type=int, default=30)
+  ap.add_argument("--turn2_tokens", type=int, default=10)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out_dir", default=common.RESULTS_DIR)
+  a = ap.parse_args(argv)
+  run(a.size, a.prompts, a.generations, a.prompt_text, a.image_px, a.crop_px, a.turn1_tokens, a.turn2_tokens,
+      a.repeats, a.out_dir)
+
+
+if __name__ == "__main__":
+  main()
