@@ -81,6 +81,24 @@ def test_the_dot_is_a_few_pixels_of_the_view_and_most_of_a_patch_in_the_crop():
   assert crop_px >= 14 * 14
 
 
+def test_framed_squares_show_the_position_coding_background_inside():
+  solid, framed = scenes.SceneConfig(num_objects=1), scenes.SceneConfig(num_objects=1, ring=6)
+  img_s, (obj,) = scenes.render_scene(np.random.default_rng(3), solid)
+  img_f, (obj_f,) = scenes.render_scene(np.random.default_rng(3), framed)
+  assert obj == obj_f  # same scene, only the drawing differs
+  x0, y0, x1, y1 = obj.box
+  a_s, a_f = np.asarray(img_s, np.int32), np.asarray(img_f, np.int32)
+  edge, inner = a_f[y0 + 2, (x0 + x1) // 2], a_f[y0 + 20, x0 + 20]  # on the frame; inside, off the dot
+  assert tuple(edge) == scenes.COLORS[obj.color] and tuple(a_s[y0 + 20, x0 + 20]) == scenes.COLORS[obj.color]
+  # Inside the frame: the background's code, red growing with x and green with y.
+  assert inner[2] == 130 and abs(inner[0] - (90 + 110 * (x0 + 20) / (solid.side - 1))) <= 1
+  assert abs(inner[1] - (90 + 110 * (y0 + 20) / (solid.side - 1))) <= 1
+  mid = (x0 + x1) // 2
+  assert (a_s[(y0 + y1) // 2, mid] == a_f[(y0 + y1) // 2, mid]).all()  # the dot is the same
+  with pytest.raises(ValueError, match="ring"):
+    scenes.SceneConfig(ring=17)
+
+
 def test_scenes_source_carries_object_boxes_through_the_reader():
   got = list(readers.read_source(readers.SourceKind.SCENES, n=3, seed=1, config=SCENE))
   assert len(got) == 3 and all(len(s[schema.OBJECT_BOXES]) == SCENE.num_objects for s in got)
