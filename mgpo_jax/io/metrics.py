@@ -209,8 +209,9 @@ class MetricsWriter:
         self._bar.set_postfix(shown, refresh=True)
     elif self._log_lines:
       now = time.perf_counter()
-      logger.info("step %d/%d (%.1f s): %s", step, self._total_steps, now - self._t_last,
-                  ", ".join(f"{k} {v}" for k, v in shown.items()))
+      numbers = ", ".join(f"{k} {v}" for k, v in shown.items())
+      logger.info("step %d/%d (%.1f s)%s", step, self._total_steps, now - self._t_last,
+                  f": {numbers}" if numbers else "")
       self._t_last = now
 
   def _shows(self, key: str) -> bool:
