@@ -82,7 +82,7 @@ def test_the_dot_is_a_few_pixels_of_the_view_and_most_of_a_patch_in_the_crop():
 
 
 def test_framed_squares_show_the_position_coding_background_inside():
-  solid, framed = scenes.SceneConfig(num_objects=1), scenes.SceneConfig(num_objects=1, ring=6)
+  solid, framed = scenes.SceneConfig(num_objects=1, ring=0), scenes.SceneConfig(num_objects=1, ring=6)
   img_s, (obj,) = scenes.render_scene(np.random.default_rng(3), solid)
   img_f, (obj_f,) = scenes.render_scene(np.random.default_rng(3), framed)
   assert obj == obj_f  # same scene, only the drawing differs
@@ -254,6 +254,28 @@ def test_reduced_recipe_writes_a_base_that_loads_and_is_measured(tmp_path):
   with open(os.path.join(out, "hf", "tokenizer.json")) as a, open(os.path.join(tmp_path, "stage2", "hf",
                                                                                 "tokenizer.json")) as b:
     assert a.read() == b.read()
+
+
+def test_curriculum_chains_stages_and_resumes(tmp_path):
+  stages = (pretrain.Stage(steps=2, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=1e-3, eval_every=2),
+            pretrain.Stage(steps=2, num_objects=3, mix=(0.0, 0.0, 1.0), learning_rate=1e-3, seed=5, eval_every=2))
+  out = str(tmp_path / "cur")
+  pretrain.run_curriculum(CFG, out, stages)
+  rows = {}
+  for k in (1, 2):
+    with open(os.path.join(out, f"stage{k}", "metrics.jsonl")) as f:
+      rows[k] = [json.loads(line) for line in f]
+  assert all("pretrain/refer_loss" in r for r in rows[1]) and all("pretrain/format_loss" in r for r in rows[2])
+  final = params_lib.from_pretrained(os.path.join(out, "hf"))
+  stage2 = params_lib.from_pretrained(os.path.join(out, "stage2", "hf"))
+  stage1 = params_lib.from_pretrained(os.path.join(out, "stage1", "hf"))
+  w = lambda m: np.asarray(m.lm_head[...])
+  np.testing.assert_array_equal(w(final), w(stage2))
+  assert not np.array_equal(w(stage1), w(stage2))  # stage 2 trained on from stage 1
+  # Done stages are skipped: a second call changes nothing.
+  before = os.path.getmtime(os.path.join(out, "stage1", "hf", "config.json"))
+  pretrain.run_curriculum(CFG, out, stages)
+  assert os.path.getmtime(os.path.join(out, "stage1", "hf", "config.json")) == before
 
 
 def test_iou():

@@ -21,7 +21,8 @@ def _reduced_config(base_dir):
   c.repro.gates_num = 4
   for section, n in ((c.data, 16), (c.eval, 4)):
     section.scenes.update(dict(n=n, input_side=SCENE.input_side, num_objects=SCENE.num_objects,
-                               object_side=SCENE.object_side, dot_side=SCENE.dot_side, jitter=SCENE.jitter))
+                               object_side=SCENE.object_side, dot_side=SCENE.dot_side, jitter=SCENE.jitter,
+                               ring=SCENE.ring))
   c.image.min_pixels, c.image.max_pixels = CFG.image().min_pixels, CFG.image().max_pixels
   c.data.batch_size = 2
   c.rollout.num_generations = 2

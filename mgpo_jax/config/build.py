@@ -160,7 +160,8 @@ def scene_config(section: Any) -> scenes.SceneConfig:
   """Scene settings of `config.data` or `config.eval` (their `scenes` sub-section)."""
   s = section.scenes
   return scenes.SceneConfig(input_side=s.input_side, scale=s.scale, num_objects=s.num_objects,
-                            object_side=s.object_side, dot_side=s.dot_side, lattice=s.lattice, jitter=s.jitter)
+                            object_side=s.object_side, dot_side=s.dot_side, lattice=s.lattice, jitter=s.jitter,
+                            ring=s.ring)
 
 
 def reader_kwargs(section: Any) -> dict[str, Any]:

@@ -172,6 +172,7 @@ class Scenes:
   dot_side: int = field(scenes.SceneConfig.dot_side, lo=1)
   lattice: int = field(scenes.SceneConfig.lattice, lo=1)
   jitter: int = field(scenes.SceneConfig.jitter, lo=0)
+  ring: int = field(scenes.SceneConfig.ring, lo=0)  # a square's frame width (0: solid)
 
 
 @dataclasses.dataclass(frozen=True)

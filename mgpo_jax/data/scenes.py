@@ -5,8 +5,10 @@ The laptop-scale stand-in for MGPO's high-resolution questions (`python -m mgpo_
 - the background's colour encodes position (red grows with x, green with y): a smooth, low-frequency
   code that survives any downscaling, so a vision tower with rotary positions only can tell where a
   thing is (the CoordConv remedy for translation-equivariant networks);
-- `num_objects` saturated squares of distinct colours, each about one merged vision token (28 px) in
-  the model's input view, on a lattice with a few pixels of jitter;
+- `num_objects` squares of distinct saturated colours, each about one merged vision token (28 px) in
+  the model's input view, on a lattice with a few pixels of jitter; drawn as frames (`ring`), so the
+  background's position code shows inside a square's own vision tokens (with solid squares a 1.5M
+  model never learned to box a named one: bench/results/repro/base/probes/ring_probes.md);
 - in the middle of each square, a dot of one of four colours: `dot_side` (3) input pixels in the
   view, a tenth of a 14 px patch, but about one patch once a box around its square is cropped and
   enlarged to the input size (6x). A patch that averages its pixels reads a colour that covers it; the
@@ -78,7 +80,7 @@ class SceneConfig:
   dot_side: int = 3
   lattice: int = 28
   jitter: int = 4
-  ring: int = 0
+  ring: int = 6
 
   def __post_init__(self):
     if self.scale < 1:

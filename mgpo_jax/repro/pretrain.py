@@ -15,10 +15,13 @@ RL teaches it to box the region the *question* needs. The stand-in base learns, 
 So no row ever pairs the RL question with the box of the square it asks about: at RL step 0 the base
 boxes a random square in MGPO's turn 1 (target-hit ~1/num_objects), and only the answer reward can
 teach it to box the asked one. Each step trains one kind (drawn by `mix`), so each kind keeps its own
-short buckets. Held-out teacher-forced NLLs are logged every `eval_every` steps (the refer box against
+short buckets. The committed base is a curriculum of such runs (`CURRICULUM`, `run_curriculum`): refer
+rows on one square, then two, then four, then all three kinds on four squares. Held-out teacher-forced NLLs are logged every `eval_every` steps (the refer box against
 ln(#lattice cells), the image-blind value), and the gates (`gates.py`) are measured at the end.
 
   python -m mgpo_jax.repro.pretrain --out=/tmp/tiny_base       # the recipe of mgpo_jax/repro/base/
+  python -m mgpo_jax.repro.pretrain --nocurriculum --out=/tmp/stage --init_dir=/tmp/tiny_base/hf \
+      --steps=500 --mix=1,0,0                                   # one more stage from it
   python -m mgpo_jax.repro.gates --hf_dir=/tmp/tiny_base/hf     # what it can do
 """
 
@@ -30,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -349,12 +353,63 @@ def run(cfg: PretrainConfig, out_dir: str) -> dict[str, Any]:
   return last
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of the curriculum: `run` with these fields replaced, from the previous stage's base."""
+
+  steps: int
+  num_objects: int
+  mix: tuple[float, float, float]
+  learning_rate: float
+  seed: int = 0
+  eval_every: int = 100
+
+
+# The recipe of the committed base. A flat mix on four squares never learns to box the named one (the
+# position readout and the colour lookup must be learned together; bench/results/repro/base/probes):
+# one square first teaches where (the position code -> digits), two and four squares then teach which
+# (the colour word -> that square), and the last stage mixes the close-up and format rows back in.
+CURRICULUM: tuple[Stage, ...] = (
+    Stage(steps=800, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=2e-3, eval_every=200),
+    Stage(steps=500, num_objects=2, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
+    Stage(steps=500, num_objects=4, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
+    Stage(steps=1500, num_objects=4, mix=(0.6, 0.2, 0.2), learning_rate=1e-3, seed=3, eval_every=250),
+)
+
+
+def run_curriculum(cfg: PretrainConfig, out_dir: str, stages: Sequence[Stage] = CURRICULUM) -> dict[str, Any]:
+  """Runs `stages` in turn into <out_dir>/stage<k>/ (each continues the previous one's hf/, the first
+  from `cfg.init_dir`) and copies the last one's base to <out_dir>/hf; returns the last eval. A stage
+  whose hf/ exists is skipped, so the same command continues an interrupted recipe."""
+  init, last = cfg.init_dir, {}
+  for k, st in enumerate(stages, 1):
+    stage_dir = os.path.join(out_dir, f"stage{k}")
+    if not os.path.isfile(os.path.join(stage_dir, "hf", "config.json")):
+      logger.info("stage %d/%d: %s", k, len(stages), st)
+      last = run(dataclasses.replace(
+          cfg, steps=st.steps, mix=st.mix, learning_rate=st.learning_rate, seed=st.seed, init_dir=init,
+          eval_every=st.eval_every, warmup_steps=min(cfg.warmup_steps, st.steps - 1),
+          scene=dataclasses.replace(cfg.scene, num_objects=st.num_objects)), stage_dir)
+    init = os.path.join(stage_dir, "hf")
+  shutil.copytree(init, os.path.join(out_dir, "hf"), dirs_exist_ok=True)
+  return last
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  one_stage = ("steps", "seed", "init_dir", "learning_rate", "mix", "num_objects")
+  if _CURRICULUM.value:
+    given = [f"--{n}" for n in one_stage if flags.FLAGS[n].present]
+    if given:
+      raise app.UsageError(f"{', '.join(given)} set a single stage: add --nocurriculum")
+    cfg = dataclasses.replace(PretrainConfig(), batch_size=_BATCH.value,
+                              scene=dataclasses.replace(PretrainConfig.scene, ring=_RING.value))
+    print(json.dumps(run_curriculum(cfg, _OUT.value), indent=1))
+    return
   cfg = dataclasses.replace(PretrainConfig(), steps=_STEPS.value, batch_size=_BATCH.value, seed=_SEED.value,
                             init_dir=_INIT_DIR.value, learning_rate=_LR.value,
                             warmup_steps=min(PretrainConfig.warmup_steps, _STEPS.value - 1),
@@ -367,6 +422,8 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", None, "Folder of the run; the base is written to <out>/hf.", required=True)
+  _CURRICULUM = flags.DEFINE_bool("curriculum", True, "Run the committed base's recipe (CURRICULUM); "
+                                  "--nocurriculum runs one stage from the flags below.")
   _STEPS = flags.DEFINE_integer("steps", PretrainConfig.steps, "Training steps.")
   _BATCH = flags.DEFINE_integer("batch_size", PretrainConfig.batch_size, "Rows per step.")
   _SEED = flags.DEFINE_integer("seed", PretrainConfig.seed, "Init and data seed.")
