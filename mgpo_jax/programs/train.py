@@ -231,15 +231,17 @@ def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model
     total_s += result.timings.total_s
   num_turns = engine.cfg.num_turns
   # Shared-prefix layout (rl.batch): each prompt once (tokens bucketed like turn-1 prompts), per row the rest
-  # of its conversation (bucketed like whole conversations, an upper bound).
+  # of its conversation (two buckets per octave up to the largest whole-conversation / patch bucket).
   sizes = traj_lib.layout_sizes(trajectories, model_cfg.vision, model_cfg.image_token_id)
   pre_len, pre_patches, cont_len, cont_patches = processes.global_max(
       sizes.prefix_tokens, sizes.prefix_patches, sizes.tokens, sizes.patches)
   r = config.rollout
   batch = traj_lib.to_train_batch(
       trajectories, [group_offset + t.sample_index for t in trajectories],
-      seq_bucket=sampling.bucket(cont_len, r.seq_buckets, "continuation length (rollout.seq_buckets)"),
-      patch_bucket=sampling.bucket(cont_patches, r.patch_buckets, "continuation patches per row (rollout.patch_buckets)"),
+      seq_bucket=sampling.bucket(cont_len, traj_lib.fine_buckets(r.seq_buckets[-1]),
+                                 "continuation length (rollout.seq_buckets)"),
+      patch_bucket=sampling.bucket(cont_patches, traj_lib.fine_buckets(r.patch_buckets[-1]),
+                                   "continuation patches per row (rollout.patch_buckets)"),
       prefix_bucket=sampling.bucket(pre_len, r.prompt_buckets, "prompt length (rollout.prompt_buckets)"),
       prefix_patch_bucket=sampling.bucket(pre_patches, r.patch_buckets, "prompt patches (rollout.patch_buckets)"),
       max_images=max(num_turns - 1, 1), prefix_max_images=1, pad_id=pad_id, vision_cfg=model_cfg.vision,

@@ -99,6 +99,15 @@ class LayoutSizes:
   images: int
 
 
+def fine_buckets(hi: int, lo: int = 256) -> tuple[int, ...]:
+  """(lo, 1.5 lo, 2 lo, 3 lo, 4 lo, ...) up to >= hi: two buckets per octave (padding waste <= 50%, a few
+  compiled shapes)."""
+  out = [lo]
+  while out[-1] < hi:
+    out.append(out[-1] * 3 // 2 if out[-1] & (out[-1] - 1) == 0 else out[-1] * 4 // 3)
+  return tuple(out)
+
+
 def layout_sizes(trajectories: Sequence[Trajectory], vision_cfg: VisionConfig,
                  image_token_id: int | None) -> LayoutSizes:
   pt = pp = pi = t = p = i = 0
