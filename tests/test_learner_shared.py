@@ -2,8 +2,9 @@
 unshared one (every row its own copy of its prompt, same layout and program) and against a per-row forward
 over the whole conversation (float32, tiny random model).
 
-Batches: 3 groups of 3 rows sharing a prompt with its image (mixed image sizes), 3 padding rows, 1/2/3
-turns (later turns carry their own crop images); micro-batches of 4 rows, so groups straddle micro-batches.
+The batch: 3 groups of 3 rows, each group sharing a prompt with its image (mixed image sizes), with 1, 2
+and 3 turns (later turns carry their own crop images, of mixed sizes), and 3 padding rows; micro-batches
+of 4 rows, so groups straddle micro-batches.
 """
 
 import dataclasses
@@ -19,18 +20,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mgpo_jax.learner import Learner, LearnerConfig, OldLogpSource, OptimConfig
-from mgpo_jax.models.qwen2_5_vl import init_model
+from mgpo_jax.learner import (Learner, LearnerConfig, OldLogpSource, OptimConfig, rollout_advantages,
+                              token_loss_mask)
+from mgpo_jax.models.qwen2_5_vl import init_model, rope_index
+from mgpo_jax.models.qwen2_5_vl.vision import prepare_vision_batch
+from mgpo_jax.rl.logprobs import shift_targets, token_logprobs_and_entropy
+from mgpo_jax.rl.losses import policy_loss
 from mgpo_jax.parallel import sharding as shd
-from mgpo_jax.testing import full_rows, random_train_batch, to_continuation
+from mgpo_jax.rollout.trajectory import layout_sizes, to_train_batch
+from mgpo_jax.testing import full_rows, random_trajectories, to_continuation
 from test_train_step import tiny_config
 
 CFG = tiny_config()
 LCFG = LearnerConfig(micro_batch_size=4, num_mini_batches=1, logprob_chunk_size=16, remat=True,
                      old_logp=OldLogpSource.SAMPLER, optim=OptimConfig(learning_rate=1e-3))
-SEQ = {1: 40, 2: 48, 3: 64}
-
-
 @pytest.fixture(scope="module")
 def setup():
   mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -40,12 +43,27 @@ def setup():
   return learners, params, ref
 
 
-def _batch(num_turns, seed=0):
-  batch = random_train_batch(CFG, num_prompts=3, samples_per_prompt=3, seq_len=SEQ[num_turns],
-                             num_turns=num_turns, num_padding_rows=3, seed=seed)
+def _batch():
+  """Group k has k + 1 turns."""
+  trajs = []
+  for k in range(3):
+    for tr in random_trajectories(CFG, num_prompts=1, samples_per_prompt=3, seq_len=(40, 48, 64)[k],
+                                  num_turns=k + 1, seed=k):
+      tr.sample_index = k
+      trajs.append(tr)
+  sizes = layout_sizes(trajs, CFG.vision, CFG.image_token_id)
+  batch = to_train_batch(trajs, [t.sample_index for t in trajs], seq_bucket=sizes.tokens, patch_bucket=48,
+                         max_images=2, pad_id=0, vision_cfg=CFG.vision, max_turns=3, num_rows=12,
+                         image_token_id=CFG.image_token_id, prefix_bucket=-(-sizes.prefix_tokens // 8) * 8,
+                         prefix_patch_bucket=24, prefix_max_images=1)
   rewards = batch.rewards_B.copy()
   rewards[:9] = [1, 0, 0, 1, 1, 0, 0, 1, 1]   # no all-equal group: every real row has an advantage
   return batch.replace(rewards_B=rewards)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return _batch()
 
 
 def _full_forward_logp(model, batch):
@@ -60,6 +78,33 @@ def _full_forward_logp(model, batch):
   logp = np.zeros(full["ids_BT"].shape)
   logp[:, 1:] = np.take_along_axis(ls[:, :-1], full["ids_BT"][:, 1:, None], -1)[..., 0]
   return to_continuation(logp, batch, full["offset_B"])
+
+
+def _whole_conversation_grads(learner, params, ref, batch):
+  """The gradient of the same loss through the plain per-row forward over each whole conversation
+  (`Qwen25VL.forward`, no prefix sharing, batched vision layout): an independent path to compare with."""
+  full = full_rows(batch, CFG.vision)
+  vision, grid = prepare_vision_batch(full["pixels"], full["grids"], CFG.vision, pad_to=72, max_images=3)
+  ids, mask = jnp.asarray(full["ids_BT"]), jnp.asarray(full["mask_BT"])
+  at_BT = jnp.asarray(full["offset_B"][:, None] + np.arange(batch.input_ids_BT.shape[1]))
+  adv_B = rollout_advantages(LCFG, jnp.asarray(batch.rewards_B), jnp.asarray(batch.group_ids_B))
+  mask_BT = token_loss_mask(jax.tree.map(jnp.asarray, batch))
+
+  def logp(p, with_entropy):
+    model = nnx.merge(learner.graphdef, p)
+    h, _ = model.forward(ids, mask, rope_index(ids, mask, grid, CFG)[0], jax.tree.map(jnp.asarray, vision))
+    lp, ent = token_logprobs_and_entropy(h, model.lm_head_weight(), shift_targets(ids)[0], chunk_size=16,
+                                         compute_entropy=with_entropy)
+    # Logits at t - 1 predict token t; then the continuation's positions.
+    pick = lambda x: jnp.take_along_axis(jnp.pad(x[:, :-1], ((0, 0), (1, 0))), at_BT, axis=1)
+    return pick(lp), (pick(ent) if with_entropy else None)
+
+  def loss(p):
+    lp, ent = logp(p, True)
+    ref_lp = jax.lax.stop_gradient(logp(ref, False)[0])
+    return policy_loss(lp, jnp.asarray(batch.old_logp_BT), ref_lp, ent, adv_B, mask_BT, LCFG.loss)[0]
+
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def _run(learner, params, ref, batch):
@@ -78,13 +123,13 @@ def _assert_grads_close(got, want, rtol=1e-5):
     assert np.abs(g - w).max() <= rtol * scale, (jax.tree_util.keystr(path), np.abs(g - w).max(), scale)
 
 
-@pytest.mark.parametrize("num_turns", [1, 2, 3])
-def test_shared_equals_unshared_and_the_whole_conversation(setup, num_turns):
+def test_shared_equals_unshared_and_the_whole_conversation(setup, batch):
   learners, params, ref = setup
-  batch = _batch(num_turns)
+  assert batch.turn_lengths_BK[:9].astype(bool).sum(1).tolist() == [1] * 3 + [2] * 3 + [3] * 3
+  assert len({tuple(g) for g in batch.image_grid_BI3[:9, 0]}) > 1 and len({tuple(g) for g in batch.prefix_grid_GI3[:, 0]}) > 1
   # Sampler log-probs near the policy's, so that ratios fall on both sides of the clip range.
   want_logp = _full_forward_logp(learners[True].model(params), batch)
-  rng = np.random.default_rng(num_turns)
+  rng = np.random.default_rng(0)
   on = batch.loss_mask_BT > 0
   batch = batch.replace(old_logp_BT=np.where(on, want_logp + rng.uniform(-0.3, 0.3, on.shape), 0).astype(np.float32))
   runs = {share: _run(learner, params, ref, batch) for share, learner in learners.items()}
@@ -98,16 +143,18 @@ def test_shared_equals_unshared_and_the_whole_conversation(setup, num_turns):
   for k, v in m_u.items():
     np.testing.assert_allclose(float(m_s[k]), float(v), rtol=1e-5, atol=1e-7, err_msg=k)
   _assert_grads_close(g_s, g_u)
+  loss_w, g_w = _whole_conversation_grads(learners[True], params, ref, batch)
+  np.testing.assert_allclose(float(m_s["loss"]), float(loss_w), rtol=1e-5)
+  _assert_grads_close(g_s, g_w)
   # Every image's vision tower gets a gradient: the prefix's (original image) and the crops'.
   assert np.abs(np.asarray(g_s["visual"]["qkv"][...])).max() > 0
 
 
-def test_tokens_off_the_turn_mask_get_exactly_zero_weight(setup):
+def test_tokens_off_the_turn_mask_get_exactly_zero_weight(setup, batch):
   """Prompt tokens (the prefix, the continuation's first token and later user turns), padding and padding
   rows: garbage there changes nothing; a token on the mask does."""
   learners, params, ref = setup
   learner = learners[True]
-  batch = _batch(2, seed=1)
   (mini,) = learner.split_rollout(batch)
   g0, m0 = learner.grads_and_metrics(params, ref, mini, batch.rewards_B, batch.group_ids_B, 0)
   rng = np.random.default_rng(0)
