@@ -10,6 +10,10 @@ The closing `<|im_end|>` of a turn is in the turn mask whether the model sampled
 appended it after cutting the turn at the end of its JSON block (`forced_close`); a forced one carries the
 model's log-prob of `<|im_end|>` at that position (see `engine`). A final turn cut by the token limit has
 no closing token.
+
+`to_train_batch` splits each trajectory at `prefix_length` (its prompt minus the prompt's last token): the
+prefix goes to the batch's prefix table, once per distinct prompt (a group's rows share it), the rest is the
+row's continuation (layout in `rl.batch`).
 """
 
 from __future__ import annotations
