@@ -66,23 +66,9 @@ def batch():
   return _batch()
 
 
-def _full_forward_logp(model, batch):
-  """float64 log-prob of each continuation token from the eager forward over the whole conversation."""
-  full = full_rows(batch, CFG.vision)
-  pixels = [p for p in full["pixels"] if p is not None]
-  grids = [g for g in full["grids"] if g is not None]
-  logits = model(full["ids_BT"], full["mask_BT"], *((np.concatenate(pixels), np.concatenate(grids)) if pixels else ()))
-  z = np.asarray(logits, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  ls = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  logp = np.zeros(full["ids_BT"].shape)
-  logp[:, 1:] = np.take_along_axis(ls[:, :-1], full["ids_BT"][:, 1:, None], -1)[..., 0]
-  return to_continuation(logp, batch, full["offset_B"])
-
-
-def _whole_conversation_grads(learner, params, ref, batch):
-  """The gradient of the same loss through the plain per-row forward over each whole conversation
-  (`Qwen25VL.forward`, no prefix sharing, batched vision layout): an independent path to compare with."""
+def _whole_conversation(learner, params, ref, batch):
+  """The loss, its gradient and the per-token log-probs [B, T] through the plain per-row forward over each
+  whole conversation (`Qwen25VL.forward`, no prefix sharing, batched vision layout): an independent path."""
   full = full_rows(batch, CFG.vision)
   vision, grid = prepare_vision_batch(full["pixels"], full["grids"], CFG.vision, pad_to=72, max_images=3)
   ids, mask = jnp.asarray(full["ids_BT"]), jnp.asarray(full["mask_BT"])
@@ -102,16 +88,15 @@ def _whole_conversation_grads(learner, params, ref, batch):
   def loss(p):
     lp, ent = logp(p, True)
     ref_lp = jax.lax.stop_gradient(logp(ref, False)[0])
-    return policy_loss(lp, jnp.asarray(batch.old_logp_BT), ref_lp, ent, adv_B, mask_BT, LCFG.loss)[0]
+    return policy_loss(lp, jnp.asarray(batch.old_logp_BT), ref_lp, ent, adv_B, mask_BT, LCFG.loss)[0], lp
 
-  return jax.jit(jax.value_and_grad(loss))(params)
+  (loss_value, logp_BT), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return loss_value, np.asarray(logp_BT), grads
 
 
-def _run(learner, params, ref, batch):
+def _split(learner, batch):
   (mini,) = learner.split_rollout(batch)
-  logp = np.asarray(learner.old_logprobs(params, mini)).reshape(batch.input_ids_BT.shape)
-  grads, metrics = learner.grads_and_metrics(params, ref, mini, batch.rewards_B, batch.group_ids_B, 0)
-  return mini, logp, grads, metrics
+  return mini
 
 
 def _assert_grads_close(got, want, rtol=1e-5):
@@ -127,23 +112,27 @@ def test_shared_equals_unshared_and_the_whole_conversation(setup, batch):
   learners, params, ref = setup
   assert batch.turn_lengths_BK[:9].astype(bool).sum(1).tolist() == [1] * 3 + [2] * 3 + [3] * 3
   assert len({tuple(g) for g in batch.image_grid_BI3[:9, 0]}) > 1 and len({tuple(g) for g in batch.prefix_grid_GI3[:, 0]}) > 1
-  # Sampler log-probs near the policy's, so that ratios fall on both sides of the clip range.
-  want_logp = _full_forward_logp(learners[True].model(params), batch)
-  rng = np.random.default_rng(0)
-  on = batch.loss_mask_BT > 0
-  batch = batch.replace(old_logp_BT=np.where(on, want_logp + rng.uniform(-0.3, 0.3, on.shape), 0).astype(np.float32))
-  runs = {share: _run(learner, params, ref, batch) for share, learner in learners.items()}
-  (mini_s, logp_s, g_s, m_s), (mini_u, logp_u, g_u, m_u) = runs[True], runs[False]
+  minis = {share: _split(learner, batch) for share, learner in learners.items()}
   # The shared layout really shares: per micro-batch of 4 rows at most 2 prompts (+ padding slot), vs 4.
-  assert mini_s.prefix_ids_GS.shape[1] == 2 and mini_u.prefix_ids_GS.shape[1] == 4
-  np.testing.assert_allclose(logp_s[on], want_logp[on], atol=2e-5)
-  np.testing.assert_allclose(logp_s[on], logp_u[on], rtol=1e-5, atol=1e-6)
-  assert np.all(logp_s[~on] == 0) and np.all(logp_u[~on] == 0)
+  assert minis[True].prefix_ids_GS.shape[1] == 2 and minis[False].prefix_ids_GS.shape[1] == 4
+  logp = {share: np.asarray(learners[share].old_logprobs(params, minis[share])).reshape(batch.input_ids_BT.shape)
+          for share in learners}
+  on = batch.loss_mask_BT > 0
+  np.testing.assert_allclose(logp[True][on], logp[False][on], rtol=1e-5, atol=1e-6)
+  assert np.all(logp[True][~on] == 0) and np.all(logp[False][~on] == 0)
+  # Sampler log-probs near the policy's, so that ratios fall on both sides of the clip range.
+  rng = np.random.default_rng(0)
+  batch = batch.replace(old_logp_BT=np.where(on, logp[True] + rng.uniform(-0.3, 0.3, on.shape), 0).astype(np.float32))
+  (g_s, m_s), (g_u, m_u) = (
+      learners[share].grads_and_metrics(params, ref, _split(learners[share], batch), batch.rewards_B,
+                                        batch.group_ids_B, 0) for share in (True, False))
   assert 0 < m_s["clip_frac"] < 1
   for k, v in m_u.items():
     np.testing.assert_allclose(float(m_s[k]), float(v), rtol=1e-5, atol=1e-7, err_msg=k)
   _assert_grads_close(g_s, g_u)
-  loss_w, g_w = _whole_conversation_grads(learners[True], params, ref, batch)
+  # Against the whole conversation per row.
+  loss_w, logp_w, g_w = _whole_conversation(learners[True], params, ref, batch)
+  np.testing.assert_allclose(logp[True][on], logp_w[on], rtol=1e-5, atol=2e-6)
   np.testing.assert_allclose(float(m_s["loss"]), float(loss_w), rtol=1e-5)
   _assert_grads_close(g_s, g_w)
   # Every image's vision tower gets a gradient: the prefix's (original image) and the crops'.
@@ -205,7 +194,7 @@ _WORKER = textwrap.dedent("""
     # 4 groups of 3 + 4 padding rows, one mini-batch of 2 micro-batches of 8 rows.
     batch = random_train_batch(cfg, num_prompts=4, samples_per_prompt=3, seq_len=48, num_padding_rows=4, seed=7)
     batch = batch.replace(rewards_B=np.asarray([1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0] + [0] * 4, np.float32))
-    lcfg = LearnerConfig(micro_batch_size=8, num_mini_batches=1, logprob_chunk_size=16,
+    lcfg = LearnerConfig(micro_batch_size=8, num_mini_batches=1, logprob_chunk_size=16, remat=False,
                          old_logp=OldLogpSource.SAMPLER)
     report = {}
     for name, shape, share in (("1x1x1", (1, 1, 1), True), ("2x2x2", (2, 2, 2), True),
