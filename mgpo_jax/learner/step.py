@@ -3,20 +3,22 @@
 Per rollout batch of R rows (prompts x n samples; rows of a prompt share a group id):
 
   host    TrainBatch [R, ...] --split_rollout--> num_mini_batches x TrainBatch [K, U, ...]
-          (K micro-batches of U rows; rows stay in rollout order, mini-batch m = rows [m*K*U, (m+1)*K*U))
+          (K micro-batches of U rows; rows stay in rollout order, mini-batch m = rows [m*K*U, (m+1)*K*U));
+          prefix leaves [K, Gm, ...]: each device's rows get the prompts they continue (`rl.batch`)
   device  old_logp="recompute": log-probs of every mini-batch under the policy BEFORE the first
           update (verl's `compute_log_prob`), one forward-only program per mini-batch
   device  for m in range(num_mini_batches): ONE program (compiled once, m is traced)
             advantages of all R rows from rewards_R + group_ids_R, then the rows of mini-batch m
             loss normaliser from the turn mask of the whole mini-batch (exact accumulation)
-            lax.scan over the K micro-batches:
+            lax.scan over the K micro-batches (each prompt encoded once per device, `forward_shared`):
               reference log-probs (frozen params, no grad)
               policy log-probs + entropy, PPO-clip + KL + entropy loss, grads (f32 accumulation)
             global-norm clip + AdamW on the float32 master params
             -> new TrainState (donated in, aliased out) and device-scalar metrics
 
 Layout: params/optimizer state sharded by `mgpo_jax.parallel.sharding.RULES` (FSDP over `embed`, tensor
-parallel over heads/mlp/vocab); batch rows (axis 1 of [K, U, ...]) over ('data', 'fsdp').
+parallel over heads/mlp/vocab); batch rows (axis 1 of [K, U, ...]) and prefixes (axis 1 of [K, Gm, ...])
+over ('data', 'fsdp'), a device's rows pointing only at its own prefixes.
 `micro_batch_size` counts rows over ALL devices, so the maths do not depend on the mesh.
 
 Precision (`Precision.BF16`): the state keeps float32 master params and float32 Adam moments; the
