@@ -51,7 +51,15 @@ def main(argv: Sequence[str]) -> None:
   started = time.perf_counter()
   config = _CONFIG.load(config_lib.validate)
   _MULTIHOST.init_distributed()
-  train.train(config, _WORKDIR.value)
+  try:
+    train.train(config, _WORKDIR.value)
+  except train.Preempted:  # checkpoint saved; exit status 0, with the summary
+    _print_summary(started)
+    raise
+  _print_summary(started)
+
+
+def _print_summary(started: float) -> None:
   if jax.process_index() == 0:
     print(train.summary(_WORKDIR.value, _CONFIG.value, started), flush=True)
 

@@ -84,3 +84,21 @@ def test_results_table_and_plot(run):
     saved = json.load(f)
   assert saved["methods"]["mgpo"]["per_seed"][0]["final_step"] == 2
   assert len(saved["mgpo_minus_control"]["values"]) == 1 and len(saved["mgpo_minus_grpo"]["values"]) == 1
+
+
+def test_a_preempted_arm_stops_the_comparison(tmp_path, monkeypatch):
+  """SIGTERM during an arm: its checkpoint is saved and train raises Preempted; the comparison must stop
+  there (the same command resumes it), not start the next arm."""
+  from mgpo_jax.programs import train as train_program  # pylint: disable=g-import-not-at-top
+  started = []
+
+  def fake_train(config, run_dir):
+    started.append(run_dir)
+    raise train_program.Preempted(step=1)
+
+  monkeypatch.setattr(repro.train_program, "train", fake_train)
+  monkeypatch.setattr(repro, "base_gates", lambda config, workdir: {})
+  c = repro_scenes.get_config()
+  with pytest.raises(train_program.Preempted) as e:
+    repro.run(c, str(tmp_path))
+  assert e.value.code == 0 and len(started) == 1 and started[0].endswith(os.path.join("seed0", "mgpo"))

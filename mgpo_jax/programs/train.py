@@ -78,6 +78,16 @@ def compile_count() -> int:
   return _COMPILES.count
 
 
+class Preempted(SystemExit):
+  """Raised by `train` once a SIGTERM's checkpoint is saved. A SystemExit with status 0, so `main` exits
+  as before and a program that runs several trainings (`mgpo_jax.repro`) stops too, instead of starting
+  the next one; the same command resumes them all."""
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+
 class _Preemption:
   """Remembers a SIGTERM; the loop saves a checkpoint at the end of the step and exits."""
 
@@ -301,7 +311,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   writer = metrics_lib.MetricsWriter(workdir, start_step=start, total_steps=t.num_steps)
   preempt = _Preemption()
   last: dict[str, float] = {}
-  step = start
+  step, preempted = start, False
   compiles = compile_count()
 
   def run_eval() -> dict[str, float]:
@@ -362,6 +372,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     writer.close()
     preempt.restore()
 
+  if preempted:
+    raise Preempted(step)
   if t.export_hf_at_end and step == t.num_steps and jax.process_index() == 0:
     # safetensors are written to a local folder; a remote run exports next to the user's home.
     dst = (os.path.join(os.path.expanduser("~/mgpo_hf_export"), os.path.basename(workdir.rstrip("/")))

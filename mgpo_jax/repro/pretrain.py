@@ -374,6 +374,7 @@ CURRICULUM: tuple[Stage, ...] = (
     Stage(steps=500, num_objects=2, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
     Stage(steps=500, num_objects=4, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
     Stage(steps=1500, num_objects=4, mix=(0.6, 0.2, 0.2), learning_rate=1e-3, seed=3, eval_every=250),
+    Stage(steps=1800, num_objects=4, mix=(0.7, 0.15, 0.15), learning_rate=1.5e-3, seed=4, eval_every=300),
 )
 
 
