@@ -11,6 +11,7 @@ after a separate warm-up (compile) call that is reported on its own; the median 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -340,3 +341,23 @@ def write_results(name: str, title: str, sections: Sequence[tuple[str, Sequence[
   with open(md_path, "w") as f:
     f.write("\n".join(parts))
   return json_path, md_path
+
+
+def mgpo_workload_main(doc: str, run, argv=None):
+  """The command line of an MGPO-shaped shared-vs-per-row bench (`shared_rollout`):
+  parses the workload's shape and calls `run(size, prompts, generations, prompt_text, image_px, crop_px,
+  turn1_tokens, turn2_tokens, repeats, out_dir)`."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument("--size", default="bench")
+  ap.add_argument("--prompts", type=int, default=2)
+  ap.add_argument("--generations", type=int, default=8)
+  ap.add_argument("--prompt_text", type=int, default=40)
+  ap.add_argument("--image_px", type=int, default=448)
+  ap.add_argument("--crop_px", type=int, default=336)
+  ap.add_argument("--turn1_tokens", type=int, default=30)
+  ap.add_argument("--turn2_tokens", type=int, default=10)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out_dir", default=RESULTS_DIR)
+  a = ap.parse_args(argv)
+  return run(a.size, a.prompts, a.generations, a.prompt_text, a.image_px, a.crop_px, a.turn1_tokens,
+             a.turn2_tokens, a.repeats, a.out_dir)
