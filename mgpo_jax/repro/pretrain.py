@@ -16,8 +16,9 @@ So no row ever pairs the RL question with the box of the square it asks about: a
 boxes a random square in MGPO's turn 1 (target-hit ~1/num_objects), and only the answer reward can
 teach it to box the asked one. Each step trains one kind (drawn by `mix`), so each kind keeps its own
 short buckets. The committed base is a curriculum of such runs (`CURRICULUM`, `run_curriculum`): refer
-rows on one square, then two, then four, then all three kinds on four squares. Held-out teacher-forced NLLs are logged every `eval_every` steps (the refer box against
-ln(#lattice cells), the image-blind value), and the gates (`gates.py`) are measured at the end.
+rows on one square, then two, then four, then all three kinds on four squares. Held-out teacher-forced
+NLLs are logged every `eval_every` steps (the refer box against ln(#lattice cells), the image-blind
+value), and the gates (`gates.py`) are measured at the end.
 
   python -m mgpo_jax.repro.pretrain --out=/tmp/tiny_base       # the recipe of mgpo_jax/repro/base/
   python -m mgpo_jax.repro.pretrain --nocurriculum --out=/tmp/stage --init_dir=/tmp/tiny_base/hf \
@@ -365,10 +366,10 @@ class Stage:
   eval_every: int = 100
 
 
-# The recipe of the committed base. A flat mix on four squares never learns to box the named one (the
-# position readout and the colour lookup must be learned together; bench/results/repro/base/probes):
-# one square first teaches where (the position code -> digits), two and four squares then teach which
-# (the colour word -> that square), and the last stage mixes the close-up and format rows back in.
+# The recipe of the committed base. A flat mix on four squares never learned to box even a square
+# (bench/results/repro/base/probes): one square first teaches where (the position code -> digits), more
+# squares and the mixed last stages keep that on four. Which square the colour word names is still not
+# learned (refer IoU >= 0.5 at chance, 24%: bench/results/repro/base/refer_per_colour.json, README).
 CURRICULUM: tuple[Stage, ...] = (
     Stage(steps=800, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=2e-3, eval_every=200),
     Stage(steps=500, num_objects=2, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
