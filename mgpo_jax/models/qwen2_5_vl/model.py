@@ -341,6 +341,76 @@ class Qwen25VL(nnx.Module):
                         next_pos_B=cache.next_pos_B if next_pos_B is None else next_pos_B)
     return rms_norm(x_BTD, self.final_norm[...], eps), new_cache
 
+  def forward_shared(self, prefix_ids_GS, prefix_mask_GS, prefix_positions_3GS, prefix_vision: VisionInputs | None,
+                     input_ids_BT, mask_BT, positions_3BT, vision: VisionInputs | None, prefix_index_B,
+                     num_shards: int = 1):
+    """Final hidden states [B, T, D] of continuations that each follow one of G shared prefixes.
+
+    Equal to `forward` over each row's whole sequence (its prefix's real tokens, then its continuation),
+    restricted to the continuation, but every prefix (and its images' vision-tower pass) is computed once:
+
+      layer l:  prefix g     q/k/v over [G, S], causal attention among its real tokens
+                row b        keys = [k_prefix[prefix_index_B[b]] (S slots, prefix mask) | own keys (causal, mask)]
+
+    The per-row keys/values of the prefix are a gather of the prefix's, so autodiff sums each row's
+    gradient into its prefix. `positions_3BT` must continue the prefix's M-RoPE positions (`rope_index`
+    with `start_pos_B` = the prefix's next position). With `num_shards` > 1 rows and prefixes are split into
+    that many equal consecutive blocks and row block i may only point at prefix block i (the learner's
+    per-device layout): the gather then stays within a block, i.e. on one device.
+    """
+    cfg = self.cfg
+    eps, scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
+    pmask_GS = jnp.asarray(prefix_mask_GS).astype(bool)
+    mask_BT = jnp.asarray(mask_BT).astype(bool)
+    G, S = pmask_GS.shape
+    B, T = mask_BT.shape
+    n = num_shards
+    if G % n or B % n:
+      raise ValueError(f"{G} prefixes and {B} rows must both split into num_shards={n} blocks")
+    xp_GSD = self.embed_tokens(prefix_ids_GS, pmask_GS, prefix_vision)
+    xc_BTD = self.embed_tokens(input_ids_BT, mask_BT, vision)
+    cos_p, sin_p = mrope_cos_sin(prefix_positions_3GS, cfg)
+    cos_c, sin_c = mrope_cos_sin(positions_3BT, cfg)
+    # Row b's prefix within its block: block i holds prefixes [i G/n, (i+1) G/n) and rows [i B/n, (i+1) B/n).
+    local_B = jnp.asarray(prefix_index_B, jnp.int32) - (jnp.arange(B) // (B // n)) * (G // n)
+    local_nR = local_B.reshape(n, B // n)
+
+    def to_rows(x_G_):  # [G, ...] -> [B, ...]: each row gets its prefix's entry
+      x_nG_ = x_G_.reshape(n, G // n, *x_G_.shape[1:])
+      return jax.vmap(lambda x, i: x[i])(x_nG_, local_nR).reshape(B, *x_G_.shape[1:])
+
+    causal_TT = jnp.tril(jnp.ones((S, S), bool))
+    prefix_attn_GSS = causal_TT[None] & pmask_GS[:, None, :]
+    own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    row_attn_BTS = jnp.concatenate([jnp.broadcast_to(to_rows(pmask_GS)[:, None, :], (B, T, S)), own_BTT], axis=2)
+
+    def project(x_BTD, w, cos, sin):
+      h = rms_norm(x_BTD, w["input_norm"], eps)
+      q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
+      k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
+      v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
+      return q, k, v
+
+    def finish(x_BTD, o_BTNH, w):
+      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
+      h = rms_norm(x_BTD, w["post_norm"], eps)
+      return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+
+    def body(carry, w):
+      xp, xc = carry
+      qp, kp, vp = project(xp, w, cos_p, sin_p)
+      qc, kc, vc = project(xc, w, cos_c, sin_c)
+      k_all = jnp.concatenate([to_rows(kp), kc], axis=1)
+      v_all = jnp.concatenate([to_rows(vp), vc], axis=1)
+      xc = finish(xc, attention(qc, k_all, v_all, row_attn_BTS, scale), w)
+      xp = finish(xp, attention(qp, kp, vp, prefix_attn_GSS, scale), w)
+      return (xp, xc), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    (_, xc_BTD), _ = jax.lax.scan(body, (xp_GSD, xc_BTD), self.layer_params())
+    return rms_norm(xc_BTD, self.final_norm[...], eps)
+
   def extend(self, cache: KVCache, input_ids_BT, mask_BT, vision: VisionInputs | None = None,
              image_grid_thw_I3=None, layers=None):
     """Append a chunk (prompt, a decoded token, or a new user turn with images) to the cache.
