@@ -139,6 +139,46 @@ def test_shared_equals_unshared_and_the_whole_conversation(setup, batch):
   assert np.abs(np.asarray(g_s["visual"]["qkv"][...])).max() > 0
 
 
+def _loops_over(jaxpr, shape) -> int:
+  """Scans, at any depth of `jaxpr`, that step through an operand of `shape` (e.g. a stacked per-block
+  weight [L, ...]) as a scanned input: a tower's loop over its blocks, forward or backward. (Loops that
+  merely close over the weights, like the micro-batch loop, don't count.)"""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
+      count += any(getattr(v.aval, "shape", None) == shape for v in xs)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += _loops_over(sub.jaxpr, shape)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += _loops_over(sub, shape)
+  return count
+
+
+def test_one_vision_loop_per_forward(setup, batch):
+  """The prefixes' images and the rows' crops go through ONE vision-tower loop per forward (and one per
+  backward): as many vision loops as decoder loops, in the old-logprobs program and in the update program
+  (policy forward and backward, reference forward). Two independent vision loops in one program are two
+  streams of collectives (per-block weight gathers) whose interleaving XLA:CPU leaves open: the processes
+  of a multi-process CPU run interleaved them differently and gloo failed (tests/test_multihost.py)."""
+  learners, params, ref = setup
+  learner = learners[True]
+  assert LCFG.loss.kl_coef != 0  # the update program holds the reference forward too
+  mini = _split(learner, batch)
+  assert mini.prefix_vision is not None and mini.vision is not None
+  state = learner.init(init_model(CFG, 0))
+  programs = {
+      "old_logprobs": (jax.make_jaxpr(learner._old_logprobs_fn)(params, mini), 1),
+      "update": (jax.make_jaxpr(learner._update_fn)(state, ref, mini, jnp.asarray(batch.rewards_B),
+                                                    jnp.asarray(batch.group_ids_B), 0), 3)}
+  vision_w, decoder_w = params["visual"]["qkv"][...].shape, params["q"][...].shape
+  for name, (closed, passes) in programs.items():
+    loops = {"decoder": _loops_over(closed.jaxpr, decoder_w), "vision": _loops_over(closed.jaxpr, vision_w)}
+    assert loops == {"decoder": passes, "vision": passes}, (name, loops)
+
+
 def test_tokens_off_the_turn_mask_get_exactly_zero_weight(setup, batch):
   """Prompt tokens (the prefix, the continuation's first token and later user turns), padding and padding
   rows: garbage there changes nothing; a token on the mask does."""

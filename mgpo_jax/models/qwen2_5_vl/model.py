@@ -34,7 +34,8 @@ from flax import nnx
 
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.layers import NEG_INF, apply_rope, attention, param, rms_norm
-from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_images
+from mgpo_jax.models.qwen2_5_vl.vision import (VisionInputs, VisionTower, num_patches, pad_patches,
+                                               prepare_vision_images)
 
 
 @flax.struct.dataclass
@@ -225,9 +226,7 @@ class Qwen25VL(nnx.Module):
       gathered = feats_UD[jnp.clip(idx, 0, R * U - 1)]
     elif vision.pixels_PC.ndim == 3:
       # Batched layout: each row carries its own images, so rows shard together with their pixels.
-      feats_BUD = jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision).astype(x_BTD.dtype)
-      idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
-      gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
+      return insert_row_features(x_BTD, is_img, jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision))
     else:
       # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
       feats_UD = self.visual(vision, remat=self.remat).astype(x_BTD.dtype)
@@ -367,8 +366,11 @@ class Qwen25VL(nnx.Module):
     n = num_shards
     if G % n or B % n:
       raise ValueError(f"{G} prefixes and {B} rows must both split into num_shards={n} blocks")
-    xp_GSD = self.embed_tokens(prefix_ids_GS, pmask_GS, prefix_vision)
-    xc_BTD = self.embed_tokens(input_ids_BT, mask_BT, vision)
+    feats_GUD, feats_BUD = encode_prefix_and_row_images(self.visual, prefix_vision, vision, self.remat)
+    embed = lambda ids, m, f: insert_row_features(jnp.take(self.embed[...], ids, axis=0),
+                                                  (ids == cfg.image_token_id) & m, f)
+    xp_GSD = embed(prefix_ids_GS, pmask_GS, feats_GUD)
+    xc_BTD = embed(input_ids_BT, mask_BT, feats_BUD)
     cos_p, sin_p = mrope_cos_sin(prefix_positions_3GS, cfg)
     cos_c, sin_c = mrope_cos_sin(positions_3BT, cfg)
     # Row b's prefix within its block: block i holds prefixes [i G/n, (i+1) G/n) and rows [i B/n, (i+1) B/n).
@@ -441,6 +443,50 @@ class Qwen25VL(nnx.Module):
       raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values were given")
     grid = None if vision is None else np.asarray(image_grid_thw).reshape(-1, 3)
     return _logits_jit(self, jnp.asarray(ids), jnp.asarray(mask), grid, vision)
+
+
+def insert_row_features(x_BTD, is_img_BT, feats_BUD):
+  """Row b's image features (batched layout [B, U, D], in order) replace its <|image_pad|> embeddings;
+  `feats_BUD` None: no images, `x_BTD` unchanged."""
+  if feats_BUD is None:
+    return x_BTD
+  feats_BUD = feats_BUD.astype(x_BTD.dtype)
+  idx = jnp.clip(jnp.cumsum(is_img_BT, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
+  gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
+  return jnp.where(is_img_BT[..., None], gathered, x_BTD)
+
+
+def encode_prefix_and_row_images(visual: VisionTower, prefix_vision: VisionInputs | None,
+                                 vision: VisionInputs | None, remat: bool):
+  """Vision features of the prefixes' images [G, Up, D] and of the rows' own (crop) images [B, U, D]
+  (batched layouts; None where the input is None), from ONE vision-tower pass over both sets of rows.
+
+  Why one pass: every vision block runs collectives (on a sharded mesh), so a tower pass is a stream of
+  collectives. XLA:CPU fixes only the order in which two independent streams START, not how their
+  collectives interleave, so two passes in one program (prefixes, then crops) reach gloo in different
+  orders on different processes and a multi-process CPU run fails with a collective size mismatch. One
+  pass over the rows [prefixes; crops] is one stream. (The same holds for any collective that does not
+  depend on the pass but is scheduled after it starts; with this plain concatenation XLA schedules
+  those before the pass. Joining the rows per shard block instead, to keep them on their device,
+  moved some index gathers after it and the two-process run failed again.)
+
+  Both sets are padded to the larger patch bucket (`pad_patches`; padding contributes nothing). Cost:
+  when the prompt bucket Pp exceeds the crop bucket P, every crop row is encoded at Pp patches, i.e. the
+  crops' vision work grows from B x P to B x Pp patches (attention: B x P^2 to B x Pp^2); likewise
+  G x (P - Pp) padded patches for the prefixes when P > Pp.
+  """
+  if prefix_vision is None or vision is None:
+    encode = lambda v: None if v is None else jax.vmap(lambda r: visual(r, remat=remat))(v)
+    return encode(prefix_vision), encode(vision)
+  G, Pp = prefix_vision.pixels_PC.shape[:2]
+  P = vision.pixels_PC.shape[1]
+  Up, U = prefix_vision.restore_U.shape[1], vision.restore_U.shape[1]
+  pad_to = max(Pp, P)
+  joined = jax.tree.map(lambda p, c: jnp.concatenate([p, c]),
+                        pad_patches(prefix_vision, pad_to), pad_patches(vision, pad_to))
+  feats = jax.vmap(lambda r: visual(r, remat=remat))(joined)
+  feats_GUD, feats_BUD = feats[:G, :Up], feats[G:, :U]
+  return feats_GUD, feats_BUD
 
 
 @nnx.jit
