@@ -76,12 +76,11 @@ def make_batch(cfg, rows: int, seq: int, samples_per_prompt: int, seed: int) -> 
   """Rows of exactly `seq` tokens: per turn [text, image block, text, response]."""
   from PIL import Image
   from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, preprocess_image
-  from mgpo_jax.models.qwen2_5_vl.vision import prepare_vision_batch
-  from mgpo_jax.rl.batch import TrainBatch
+  from mgpo_jax.rollout.trajectory import Trajectory, layout_sizes, to_train_batch
   rng = np.random.default_rng(seed)
   text = lambda n: list(rng.integers(10, cfg.vocab_size - 20, size=n))
-  ids, loss_mask, pvs, grids, row_pvs, row_grids = [], [], [], [], [], []
-  per_image = []
+  ids, loss_mask, pvs, grids = [], [], [], []
+  per_image, prompts_per_row, resp_per_row, images_per_row = [], [], [], []
   for _ in range(rows):
     prompts, images = [], []
     for px in IMAGES_PX:
@@ -95,6 +94,9 @@ def make_batch(cfg, rows: int, seq: int, samples_per_prompt: int, seed: int) -> 
     if budget < 4:
       raise ValueError(f"seq={seq} is too short for two image turns ({seq - budget} prompt tokens)")
     resp = (budget // 2, budget - budget // 2)
+    prompts_per_row.append(prompts)
+    resp_per_row.append(resp)
+    images_per_row.append(images)
     row, mask = [], []
     for p, n in zip(prompts, resp):
       row += p + text(n)
@@ -103,22 +105,28 @@ def make_batch(cfg, rows: int, seq: int, samples_per_prompt: int, seed: int) -> 
     loss_mask.append(mask)
     pvs += [pv for pv, _ in images]
     grids += [g for _, g in images]
-    row_pvs.append(np.concatenate([pv for pv, _ in images]))
-    row_grids.append(np.stack([g for _, g in images]))
     per_image = [int(np.prod(g)) for _, g in images]
   ids = np.asarray(ids, np.int64)
   loss_mask = np.asarray(loss_mask, np.float32)
   old_logp = np.where(loss_mask > 0, -rng.uniform(0.05, 3.0, size=ids.shape), 0.0).astype(np.float32)
   rewards = rng.integers(0, 2, size=rows).astype(np.float32)
   group_ids = (np.arange(rows) // samples_per_prompt).astype(np.int32)
-  vision, grid_BI3 = prepare_vision_batch(row_pvs, row_grids, cfg.vision, pad_to=sum(per_image),
-                                          max_images=len(IMAGES_PX))
-  ours = TrainBatch(
-      input_ids_BT=ids.astype(np.int32), mask_BT=np.ones_like(ids, np.int32), loss_mask_BT=loss_mask,
-      old_logp_BT=old_logp, rewards_B=rewards, group_ids_B=group_ids, vision=vision,
-      image_grid_BI3=grid_BI3.astype(np.int32), valid_box_B=np.ones(rows, np.float32),
-      turn_lengths_BK=np.asarray([[int(m[:len(m) // 2].sum()), int(m[len(m) // 2:].sum())] for m in loss_mask],
-                                 np.int32))
+  # Ours: the learner's shared-prefix layout (every row's prompt is its own here: random text per row).
+  trajs = []
+  for b in range(rows):
+    p0 = len(prompts_per_row[b][0])
+    n0 = resp_per_row[b][0]
+    p1 = len(prompts_per_row[b][1])
+    spans = [(p0, p0 + n0), (p0 + n0 + p1, seq)]
+    trajs.append(Trajectory(token_ids=ids[b].astype(np.int32), turn_mask=loss_mask[b].astype(np.int32),
+                            logprobs=old_logp[b], turn_spans=spans, images=[],
+                            pixel_values=[pv for pv, _ in images_per_row[b]],
+                            image_grids=[g for _, g in images_per_row[b]], texts=["", ""],
+                            box_valid=[True], reward=float(rewards[b])))
+  sizes = layout_sizes(trajs, cfg.vision, cfg.image_token_id)
+  ours = to_train_batch(trajs, list(group_ids), seq_bucket=sizes.tokens, patch_bucket=per_image[1], max_images=1,
+                        pad_id=0, vision_cfg=cfg.vision, max_turns=2, image_token_id=cfg.image_token_id,
+                        prefix_bucket=sizes.prefix_tokens, prefix_patch_bucket=per_image[0], prefix_max_images=1)
   return Batch(ids=ids, pixel_values=np.concatenate(pvs), grid=np.stack(grids).astype(np.int64),
                loss_mask=loss_mask, old_logp=old_logp, rewards=rewards, group_ids=group_ids,
                patches_per_image=tuple(per_image), ours=ours)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import common, flat_vision, host, reshard, rollout, shared_rollout, train_step
+from bench import common, flat_vision, host, reshard, rollout, shared_rollout, shared_update, train_step
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,13 @@ def test_shared_rollout_smoke(tmp_path):
   rows = {r["variant"]: r for r in data["sections"]["Rollout time"]}
   assert set(rows) == {"shared", "per row"} and data["meta"]["same_tokens"] is True
   assert all(_positive(r["rollout s (median)"]) for r in rows.values())
+
+
+def test_shared_update_smoke(tmp_path):
+  shared_update.run("smoke", prompts=2, generations=2, prompt_text=8, image_px=56, crop_px=28, turn1_tokens=3,
+                    turn2_tokens=2, repeats=1, out_dir=str(tmp_path))  # raises if shared != per-row loss
+  data, md = _load(tmp_path, "shared_update")
+  rows = {r["variant"]: r for r in data["sections"]["Update time and compiled memory"]}
+  assert set(rows) == {"shared", "per row"} and data["meta"]["same_loss"] is True
+  assert rows["shared"]["prefix slots"] == 2 and rows["per row"]["prefix slots"] == 4
+  assert all(_positive(r["update s (median)"]) and r["temp MiB"] > 0 for r in rows.values())

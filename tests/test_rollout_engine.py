@@ -9,8 +9,8 @@ from PIL import Image
 
 import hf_reference as R
 from mgpo_jax import sampling
+from mgpo_jax.learner import step as learner_step
 from mgpo_jax.models import qwen2_5_vl
-from mgpo_jax.models.qwen2_5_vl import rope_index
 from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, preprocess_image
 from mgpo_jax.rollout import crop, engine, prompts
 from mgpo_jax.rollout.trajectory import to_train_batch
@@ -75,13 +75,13 @@ def batch_kw(sp, model):
 
 
 def full_forward_logp(model, tb):
-  """log p(token t | tokens < t) from one uncached forward of the padded train batch."""
-  ids, mask = jnp.asarray(tb.input_ids_BT), jnp.asarray(tb.mask_BT)
-  pos, _ = rope_index(ids, mask, jnp.asarray(tb.image_grid_BI3), model.cfg)
-  h, _ = model.forward(ids, mask, pos, jax.tree.map(jnp.asarray, tb.vision))
-  logp = jax.nn.log_softmax(model.logits(h)[:, :-1], axis=-1)
-  out = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  return np.asarray(jnp.pad(out, ((0, 0), (1, 0))))
+  """log p(token t | tokens < t) from one uncached forward of the padded train batch: the learner's
+  (each group's prompt encoded once, every row's continuation attending to it)."""
+  return np.asarray(_learner_logp(model, jax.tree.map(jnp.asarray, tb)))
+
+
+_learner_logp = jax.jit(lambda m, b: learner_step.sequence_logprobs(m, b, chunk_size=256, temperature=1.0,
+                                                                    compute_entropy=False)[0])
 
 
 def expected_turn_text(tok, tr, k):
@@ -142,6 +142,7 @@ def test_mgpo_rollout_masks_crop_continuation_and_reward(env):
   # equal one full uncached forward over the compacted train batch.
   tb = to_train_batch(trajs, res.group_ids, image_token_id=sp.image_pad, **batch_kw(sp, model))
   assert tb.input_ids_BT.shape == (5, 1024) and tb.group_ids_B.tolist() == [0, 0, 1, 1, -1]
+  assert tb.prefix_ids_GS.shape == (2, 1024) and tb.prefix_index_B[:4].tolist() == [0, 0, 1, 1]
   assert tb.valid_box_B[[0, 1, 4]].tolist() == [1, 0, 0]
   assert tb.rewards_B[:2].tolist() == [1.0, 0.0]
   ref = full_forward_logp(model, tb)

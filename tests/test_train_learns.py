@@ -13,7 +13,7 @@ from flax import nnx
 from mgpo_jax.parallel import sharding as shd
 from mgpo_jax.models.qwen2_5_vl import init_model, rope_index
 from mgpo_jax.rl import ADVANTAGE_FNS, grpo_advantages
-from mgpo_jax.rl.batch import TrainBatch
+from mgpo_jax.rollout.trajectory import Trajectory, to_train_batch
 from mgpo_jax.learner import Learner, LearnerConfig, OptimConfig
 from test_train_step import tiny_config
 
@@ -60,15 +60,18 @@ def _run_rl(advantage_estimator: str, steps: int, stop_at: float | None = None, 
     rewards_per_step.append(float(rewards.mean()))
     if stop_at is not None and rewards_per_step[-1] >= stop_at:
       break
-    loss_mask = np.zeros((R, T), np.float32)
-    loss_mask[:, PROMPT_LEN:] = 1.0
-    old_logp = np.zeros((R, T), np.float32)
-    old_logp[:, PROMPT_LEN:] = np.asarray(logp_RN)
-    batch = TrainBatch(
-        input_ids_BT=ids, mask_BT=np.ones((R, T), np.int32), loss_mask_BT=loss_mask, old_logp_BT=old_logp,
-        rewards_B=rewards, group_ids_B=np.arange(R, dtype=np.int32) // SAMPLES, vision=None,
-        image_grid_BI3=np.zeros((R, 1, 3), np.int32), valid_box_B=np.zeros(R, np.float32),
-        turn_lengths_BK=np.full((R, 1), NEW, np.int32))
+    turn_mask = np.zeros(T, np.int32)
+    turn_mask[PROMPT_LEN:] = 1
+    trajs = []
+    for r in range(R):
+      logp = np.zeros(T, np.float32)
+      logp[PROMPT_LEN:] = np.asarray(logp_RN[r])
+      trajs.append(Trajectory(token_ids=ids[r].astype(np.int32), turn_mask=turn_mask, logprobs=logp,
+                              turn_spans=[(PROMPT_LEN, T)], images=[], pixel_values=[], image_grids=[],
+                              texts=[""], reward=float(rewards[r])))
+    # The rows of a prompt share it as one prefix (the learner encodes it once).
+    batch = to_train_batch(trajs, np.arange(R) // SAMPLES, seq_bucket=NEW + 1, patch_bucket=0, max_images=1,
+                           pad_id=0, vision_cfg=CFG.vision, max_turns=1, prefix_bucket=PROMPT_LEN - 1)
     state, metrics = learner.train_on_rollout(state, ref, batch)
   return rewards_per_step, {k: float(v) for k, v in metrics[-1].items()}
 

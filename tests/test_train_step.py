@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 from mgpo_jax.parallel import sharding as shd
-from mgpo_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, init_model, prepare_vision_inputs
+from mgpo_jax.models.qwen2_5_vl import Qwen25VLConfig, VisionConfig, init_model
 from mgpo_jax.rl import PolicyLossConfig
 from mgpo_jax.rl.batch import TrainBatch
 from mgpo_jax.learner import (Learner, LearnerConfig, OldLogpSource, OptimConfig, Precision,
                             rollout_advantages, token_loss_mask)
-from mgpo_jax.testing import random_train_batch
+from mgpo_jax.testing import full_rows, random_train_batch, to_continuation
 
 
 def tiny_config(vocab: int = 300) -> Qwen25VLConfig:
@@ -67,38 +67,25 @@ def setup(learner):
   return state.params, ref, batch, (logp, ent, ref_logp)
 
 
-def _raw_pixels(vision_row, grid_row):
-  """Undo the window permutation of one row's batched vision inputs (-> HF pixel_values order)."""
-  grid = grid_row[grid_row[:, 0] > 0]
-  n = int(np.prod(grid, axis=1).sum())
-  perm = prepare_vision_inputs(np.tile(np.arange(n, dtype=np.float32)[:, None], (1, CFG.vision.patch_dim)),
-                               grid, CFG.vision).pixels_PC[:, 0].astype(int)
-  raw = np.empty((n, CFG.vision.patch_dim), np.float32)
-  raw[perm] = np.asarray(vision_row.pixels_PC)[:n]
-  return raw, grid
-
-
 def _reference_logprobs(model, batch):
-  """float64 log-prob and entropy of token t (from the logits at t-1) via the eager HF-like forward
-  (flattened pixel_values in (row, position) order: an independent code path from the learner's
-  batched per-row vision layout)."""
-  pixels, grids = [], []
-  for b in range(batch.input_ids_BT.shape[0]):
-    if batch.vision is not None and batch.image_grid_BI3[b, 0, 0] > 0:
-      p, g = _raw_pixels(jax.tree.map(lambda x: x[b], batch.vision), batch.image_grid_BI3[b])
-      pixels.append(p)
-      grids.append(g)
+  """float64 log-prob and entropy of continuation token t (from the logits at t-1 of the WHOLE conversation,
+  prefix + continuation) via the eager HF-like forward (flattened pixel_values in (row, position) order: an
+  independent code path from the learner's shared-prefix forward and batched per-row vision layout)."""
+  full = full_rows(batch, CFG.vision)
+  pixels = [p for p in full["pixels"] if p is not None]
+  grids = [g for g in full["grids"] if g is not None]
   if pixels:
-    logits = model(batch.input_ids_BT, batch.mask_BT, np.concatenate(pixels), np.concatenate(grids))
+    logits = model(full["ids_BT"], full["mask_BT"], np.concatenate(pixels), np.concatenate(grids))
   else:
-    logits = model(batch.input_ids_BT, batch.mask_BT)
+    logits = model(full["ids_BT"], full["mask_BT"])
+  ids = full["ids_BT"]
   z = np.asarray(logits, np.float64)
   z = z - z.max(-1, keepdims=True)
   ls = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  logp, ent = np.zeros(batch.input_ids_BT.shape), np.zeros(batch.input_ids_BT.shape)
-  logp[:, 1:] = np.take_along_axis(ls[:, :-1], batch.input_ids_BT[:, 1:, None], -1)[..., 0]
+  logp, ent = np.zeros(ids.shape), np.zeros(ids.shape)
+  logp[:, 1:] = np.take_along_axis(ls[:, :-1], ids[:, 1:, None], -1)[..., 0]
   ent[:, 1:] = -(np.exp(ls[:, :-1]) * ls[:, :-1]).sum(-1)
-  return logp, ent
+  return tuple(to_continuation(x, batch, full["offset_B"]) for x in (logp, ent))
 
 
 def _np_advantages(rewards, groups, eps=1e-6):
@@ -263,9 +250,12 @@ def test_tokens_outside_turn_mask_get_exactly_zero_gradient(learner, setup):
   np.testing.assert_array_equal(_flat(g1), _flat(g0))
 
   # Positive controls: a token ON the mask (row 4: non-zero advantage) moves the loss and the gradient.
-  b, t = 4, int(np.flatnonzero(_np_mask(base)[4])[2])
+  # (The token nearest ratio 1, so that the shifted ratio stays inside the clip range.)
+  logp = setup[3][0]
+  on = np.flatnonzero(_np_mask(base)[4])
+  b, t = 4, int(on[np.argmin(np.abs(logp[4, on] - base.old_logp_BT[4, on]))])
   old = base.old_logp_BT.copy()
-  old[b, t] += 0.3
+  old[b, t] += 0.1
   g2, m2 = _grads(learner, params, ref, base.replace(old_logp_BT=old), 0)
   assert float(m2["loss"]) != float(m0["loss"])
   assert np.abs(_flat(g2) - _flat(g0)).max() > 1e-6
@@ -277,11 +267,11 @@ def test_tokens_outside_turn_mask_get_exactly_zero_gradient(learner, setup):
 
 def test_gradient_accumulation_equals_one_big_batch(learner, setup):
   params, ref, batch, _ = setup
-  mini = jax.tree.map(lambda x: np.asarray(x)[:8], batch)   # the 8 rows of mini-batch 0
-  # k=2 is the layout of the other tests (compiled already); k=1 is one big micro-batch.
+  # Mini-batch 0 (8 rows) as 2 micro-batches of 4 (the layout of the other tests) and as one of 8.
+  big = Learner(dataclasses.replace(LCFG, micro_batch_size=8), CFG, learner.mesh)
   (g1, m1), (g2, m2) = (
-      learner.grads_and_metrics(params, ref, jax.tree.map(lambda x: x.reshape(k, 8 // k, *x.shape[1:]), mini),
-                             batch.rewards_B, batch.group_ids_B, 0) for k in (1, 2))
+      lrn.grads_and_metrics(params, ref, lrn.split_rollout(batch)[0], batch.rewards_B, batch.group_ids_B, 0)
+      for lrn in (big, learner))
   np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6, atol=1e-7)
   for key in ("pg_loss", "kl", "entropy", "clip_frac", "num_tokens", "grad_norm"):
     np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5, err_msg=key)
@@ -315,12 +305,19 @@ def test_bad_configs_and_batches_raise_value_error(learner, setup):
 def test_random_train_batch_structure():
   batch = random_train_batch(CFG, num_prompts=2, samples_per_prompt=4, seq_len=64, num_padding_rows=2, seed=1)
   assert isinstance(batch, TrainBatch)
-  assert batch.input_ids_BT.shape == (10, 64) and batch.image_grid_BI3.shape == (10, 2, 3)
+  assert batch.input_ids_BT.shape == (10, 64) and batch.image_grid_BI3.shape == (10, 1, 3)
   np.testing.assert_array_equal(batch.group_ids_B, [0, 0, 0, 0, 1, 1, 1, 1, -1, -1])
+  # One prefix per prompt (its image included), shared by the group's rows.
+  assert batch.prefix_ids_GS.shape[0] == 2 and batch.prefix_grid_GI3.shape == (2, 1, 3)
+  np.testing.assert_array_equal(batch.prefix_index_B[:8], [0, 0, 0, 0, 1, 1, 1, 1])
+  full = full_rows(batch, CFG.vision)
   for b in range(8):
-    n_tok = ((batch.input_ids_BT[b] == CFG.image_token_id) & (batch.mask_BT[b] > 0)).sum()
-    assert n_tok == np.prod(batch.image_grid_BI3[b], axis=1).sum() // 4      # pads match the images
+    ids, real = full["ids_BT"][b], full["mask_BT"][b] > 0
+    n_tok = ((ids == CFG.image_token_id) & real).sum()
+    assert n_tok == np.prod(full["grids"][b], axis=1).sum() // 4      # pads match the images
+    assert len(full["grids"][b]) == 2                                   # the prompt's image and the crop
     sampled = batch.loss_mask_BT[b] > 0
+    assert not sampled[0]                                               # the prompt's last token
     assert sampled.sum() == batch.turn_lengths_BK[b].sum()
     assert not np.any(batch.input_ids_BT[b][sampled] == CFG.image_token_id)
     assert (batch.input_ids_BT[b][sampled] == CFG.eos_token_id).sum() == 2    # each turn closes

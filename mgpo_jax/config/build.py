@@ -105,6 +105,7 @@ def learner_config(config: Any) -> learner.LearnerConfig:
       old_logp=r.old_logp,
       precision=S.PRECISION[S.DType(config.model.dtype)],
       temperature=config.rollout.temperature,
+      share_prefix=r.share_prefix,
   )
 
 

@@ -263,6 +263,9 @@ class RL:
   # Log-probs of the sampling policy: "recompute" (learner forward before the first update, as
   # verl) or "sampler" (the sampler's own log-probs; saves a forward pass).
   old_logp: str = field(learner.OldLogpSource.RECOMPUTE.value, choices=learner.OldLogpSource)
+  # The learner encodes each prompt (and its image) once for the rows of its group on a device; False gives
+  # every row its own copy (same numbers, same program; for A/B and debugging).
+  share_prefix: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

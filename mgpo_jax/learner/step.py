@@ -3,20 +3,22 @@
 Per rollout batch of R rows (prompts x n samples; rows of a prompt share a group id):
 
   host    TrainBatch [R, ...] --split_rollout--> num_mini_batches x TrainBatch [K, U, ...]
-          (K micro-batches of U rows; rows stay in rollout order, mini-batch m = rows [m*K*U, (m+1)*K*U))
+          (K micro-batches of U rows; rows stay in rollout order, mini-batch m = rows [m*K*U, (m+1)*K*U));
+          prefix leaves [K, Gm, ...]: each device's rows get the prompts they continue (`rl.batch`)
   device  old_logp="recompute": log-probs of every mini-batch under the policy BEFORE the first
           update (verl's `compute_log_prob`), one forward-only program per mini-batch
   device  for m in range(num_mini_batches): ONE program (compiled once, m is traced)
             advantages of all R rows from rewards_R + group_ids_R, then the rows of mini-batch m
             loss normaliser from the turn mask of the whole mini-batch (exact accumulation)
-            lax.scan over the K micro-batches:
+            lax.scan over the K micro-batches (each prompt encoded once per device, `forward_shared`):
               reference log-probs (frozen params, no grad)
               policy log-probs + entropy, PPO-clip + KL + entropy loss, grads (f32 accumulation)
             global-norm clip + AdamW on the float32 master params
             -> new TrainState (donated in, aliased out) and device-scalar metrics
 
 Layout: params/optimizer state sharded by `mgpo_jax.parallel.sharding.RULES` (FSDP over `embed`, tensor
-parallel over heads/mlp/vocab); batch rows (axis 1 of [K, U, ...]) over ('data', 'fsdp').
+parallel over heads/mlp/vocab); batch rows (axis 1 of [K, U, ...]) and prefixes (axis 1 of [K, Gm, ...])
+over ('data', 'fsdp'), a device's rows pointing only at its own prefixes.
 `micro_batch_size` counts rows over ALL devices, so the maths do not depend on the mesh.
 
 Precision (`Precision.BF16`): the state keeps float32 master params and float32 Adam moments; the
@@ -43,12 +45,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mgpo_jax.parallel import sharding as shd
+from mgpo_jax.parallel import processes, sharding as shd
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL, rope_index
 from mgpo_jax.models.qwen2_5_vl.params import abstract_model
 from mgpo_jax.rl.advantages import get_advantage_fn
-from mgpo_jax.rl.batch import TrainBatch
+from mgpo_jax.rl.batch import PREFIX_FIELDS, ROW_FIELDS, TrainBatch
 from mgpo_jax.rl.logprobs import shift_targets, token_logprobs_and_entropy
 from mgpo_jax.rl.losses import PolicyLossConfig, compute_loss_normalizer, policy_loss, summarize_metrics
 from mgpo_jax.learner.optim import OptimConfig, make_optimizer, make_schedule
@@ -98,6 +100,9 @@ class LearnerConfig:
     old_logp: `OldLogpSource`.
     precision: `Precision`.
     temperature: the sampling temperature (logits are divided by it, as in verl).
+    share_prefix: encode each distinct prompt of a device's rows once (`split_rollout`); False gives every
+      row its own copy of its prompt (the per-row computation, same layout and program: for A/B and
+      debugging). The numbers agree either way.
   """
 
   advantage_estimator: str = "grpo"
@@ -111,6 +116,7 @@ class LearnerConfig:
   old_logp: OldLogpSource = OldLogpSource.RECOMPUTE
   precision: Precision = Precision.FLOAT32
   temperature: float = 1.0
+  share_prefix: bool = True
 
   def __post_init__(self):
     for field, enum_cls in (("old_logp", OldLogpSource), ("precision", Precision)):
@@ -159,13 +165,24 @@ def token_loss_mask(batch: TrainBatch) -> jax.Array:
 
 
 def sequence_logprobs(model: Qwen25VL, batch: TrainBatch, *, chunk_size: int, temperature: float,
-                      compute_entropy: bool) -> tuple[jax.Array, jax.Array | None]:
-  """Log-prob (and entropy of the predicting distribution) of every token t of the full multi-turn
-  sequence, f32 [B, T]; position 0 gets 0. Images of every turn go through the vision tower."""
+                      compute_entropy: bool, num_shards: int = 1) -> tuple[jax.Array, jax.Array | None]:
+  """Log-prob (and entropy of the predicting distribution) of every continuation token t, f32 [B, T];
+  position 0 (the prompt's last token, whose predicting logits would be the prefix's last) gets 0.
+
+  Each prefix, its images included, is encoded once for all its rows (`Qwen25VL.forward_shared`); the
+  continuation's M-RoPE positions start at its prefix's next position, so the values equal those of the
+  whole conversation per row. `num_shards`: see `forward_shared` (the learner's data-parallel size).
+  """
+  cfg = model.cfg
+  pgrid = batch.prefix_grid_GI3 if batch.prefix_vision is not None else None
+  ppos_3GS, pnext_G = rope_index(batch.prefix_ids_GS, batch.prefix_mask_GS, pgrid, cfg)
   ids_BT, mask_BT = batch.input_ids_BT, batch.mask_BT
   grid = batch.image_grid_BI3 if batch.vision is not None else None
-  positions_3BT, _ = rope_index(ids_BT, mask_BT, grid, model.cfg)
-  h_BTD, _ = model.forward(ids_BT, mask_BT, positions_3BT, batch.vision)
+  start_B = jnp.take(pnext_G, jnp.asarray(batch.prefix_index_B, jnp.int32), axis=0)
+  positions_3BT, _ = rope_index(ids_BT, mask_BT, grid, cfg, start_pos_B=start_B)
+  h_BTD = model.forward_shared(batch.prefix_ids_GS, batch.prefix_mask_GS, ppos_3GS, batch.prefix_vision,
+                               ids_BT, mask_BT, positions_3BT, batch.vision, batch.prefix_index_B,
+                               num_shards=num_shards)
   targets_BT, _ = shift_targets(ids_BT)
   logp_BT, ent_BT = token_logprobs_and_entropy(
       h_BTD, model.lm_head_weight(), targets_BT, chunk_size=chunk_size,
@@ -215,6 +232,7 @@ class Learner:
       raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must be a multiple of the "
                        f"data-parallel size data*fsdp={dp} (rows are sharded over both).")
     self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
+    self.dp = dp
     self.graphdef, abs_params, rest = nnx.split(
         abstract_model(model_cfg, cfg.precision.param_dtype), nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -283,11 +301,18 @@ class Learner:
 
   # ---------------------------------------------------------------- host API
   def split_rollout(self, batch: TrainBatch) -> list[TrainBatch]:
-    """This process's rows [R, ...] -> `num_mini_batches` global batches [K, U, ...] on the mesh.
+    """This process's rows [R, ...] -> `num_mini_batches` global batches on the mesh: row leaves
+    [K, U, ...], prefix leaves [K, Gm, ...].
 
     With P processes each passes its own R rows (the global batch has P*R). Micro-batch k of
     mini-batch m takes rows [(m*K + k)*u, (m*K + k + 1)*u) of every process (u = U / P), so the global
     row order is (m, k, process, j): the order `global_rows` gives per-row values in.
+
+    Prefixes: a micro-batch's U rows fall into dp = data*fsdp blocks of U/dp rows, one per device. Each
+    block gets its own Gl prefix slots (Gm = dp*Gl): with `share_prefix` one per distinct prefix of the
+    block's real rows (a group whose rows span two blocks or micro-batches has its prefix in each), without
+    it one per row (the per-row computation, in the same layout). Gl is the largest count over all blocks,
+    rounded up to a power of two (at most U/dp) to limit recompiles; spare slots repeat the block's first.
     """
     cfg = self.cfg
     R = int(np.shape(batch.rewards_B)[0])
@@ -304,13 +329,43 @@ class Learner:
           f"micro_batch_size={cfg.micro_batch_size} rows.")
     _check_batch(batch, R, num_groups=R * n_proc)
     K, U = rows_per_mini // u, cfg.micro_batch_size
+    block = U // self.dp             # rows per device
+    if u % block:
+      raise ValueError(f"each process's {u} rows of a micro-batch must be whole device blocks of {block} rows")
+    blocks_per_proc = u // block
+    index_R = np.asarray(batch.prefix_index_B)
+    real_R = np.asarray(batch.group_ids_B) >= 0
+    slots, tables = np.zeros(R, np.int32), []
+    for r0 in range(0, R, block):
+      rows = np.arange(r0, r0 + block)
+      if cfg.share_prefix:
+        table = list(dict.fromkeys(index_R[rows[real_R[rows]]].tolist())) or [int(index_R[r0])]
+        slots[rows] = [table.index(int(i)) if ok else 0 for i, ok in zip(index_R[rows], real_R[rows])]
+      else:
+        table = index_R[rows].tolist()
+        slots[rows] = np.arange(block)
+      tables.append(table)
+    Gl = processes.global_max(max(len(t) for t in tables))[0]
+    if cfg.share_prefix:
+      Gl = min(1 << (Gl - 1).bit_length(), block)
+    take = np.asarray([t + [t[0]] * (Gl - len(t)) for t in tables])          # [R / block, Gl]
+    # Global prefix index of each row: (its global device block) * Gl + its slot.
+    local_block = (np.arange(R) % u) // block
+    global_index = ((jax.process_index() * blocks_per_proc + local_block) * Gl + slots).astype(np.int32)
+    batch = batch.replace(prefix_index_B=global_index)
+    row_part = {f: getattr(batch, f) for f in ROW_FIELDS}
+    prefix_part = {f: getattr(batch, f) for f in PREFIX_FIELDS}
+    put = lambda x, local_shape, global_shape: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(x).reshape(local_shape), global_shape)
     minis = []
     for m in range(cfg.num_mini_batches):
       rows = slice(m * rows_per_mini, (m + 1) * rows_per_mini)
-      minis.append(jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(
-              self.batch_sharding, np.asarray(x[rows]).reshape(K, u, *x.shape[1:]),
-              (K, U, *x.shape[1:])), batch))
+      take_m = take[m * rows_per_mini // block:(m + 1) * rows_per_mini // block].reshape(-1)
+      rows_m = jax.tree.map(lambda x: put(x[rows], (K, u, *x.shape[1:]), (K, U, *x.shape[1:])), row_part)
+      prefix_m = jax.tree.map(
+          lambda x: put(np.asarray(x)[take_m], (K, blocks_per_proc * Gl, *x.shape[1:]),
+                        (K, self.dp * Gl, *x.shape[1:])), prefix_part)
+      minis.append(TrainBatch(**rows_m, **prefix_m))
     return minis
 
   def global_rows(self, x_R) -> np.ndarray:
@@ -379,7 +434,8 @@ class Learner:
 
   def _logprobs(self, model, micro, compute_entropy):
     return sequence_logprobs(model, micro, chunk_size=self.cfg.logprob_chunk_size,
-                             temperature=self.cfg.temperature, compute_entropy=compute_entropy)
+                             temperature=self.cfg.temperature, compute_entropy=compute_entropy,
+                             num_shards=self.dp)
 
   def _old_logprobs_fn(self, params, mini):
     model = self._policy(_cast(params, self.cfg.precision.compute_dtype))
@@ -453,9 +509,19 @@ def _check_batch(batch: TrainBatch, R: int, num_groups: int | None = None) -> No
   for name in ("input_ids_BT", "mask_BT", "loss_mask_BT", "old_logp_BT"):
     if np.shape(getattr(batch, name)) != (R, T):
       raise ValueError(f"TrainBatch.{name} has shape {np.shape(getattr(batch, name))}, expected {(R, T)}.")
-  for name in ("rewards_B", "group_ids_B", "valid_box_B"):
+  for name in ("rewards_B", "group_ids_B", "valid_box_B", "prefix_index_B"):
     if np.shape(getattr(batch, name)) != (R,):
       raise ValueError(f"TrainBatch.{name} has shape {np.shape(getattr(batch, name))}, expected ({R},).")
+  G, S = np.shape(batch.prefix_ids_GS)
+  if np.shape(batch.prefix_mask_GS) != (G, S):
+    raise ValueError(f"TrainBatch.prefix_mask_GS has shape {np.shape(batch.prefix_mask_GS)}, expected {(G, S)}.")
+  index = np.asarray(batch.prefix_index_B)
+  if index.size and (index.min() < 0 or index.max() >= G):
+    raise ValueError(f"TrainBatch.prefix_index_B must index the {G} prefixes, got values in "
+                     f"[{index.min()}, {index.max()}].")
+  if np.ndim(batch.prefix_grid_GI3) != 3 or np.shape(batch.prefix_grid_GI3)[0] != G:
+    raise ValueError(f"TrainBatch.prefix_grid_GI3 has shape {np.shape(batch.prefix_grid_GI3)}, "
+                     f"expected ({G}, max_images, 3).")
   group_ids = np.asarray(batch.group_ids_B)
   num_groups = R if num_groups is None else num_groups
   if group_ids.size and (group_ids.min() < -1 or group_ids.max() >= num_groups):
@@ -468,8 +534,8 @@ def _check_batch(batch: TrainBatch, R: int, num_groups: int | None = None) -> No
   if np.ndim(batch.image_grid_BI3) != 3 or np.shape(batch.image_grid_BI3)[0] != R:
     raise ValueError(f"TrainBatch.image_grid_BI3 has shape {np.shape(batch.image_grid_BI3)}, "
                      f"expected ({R}, max_images, 3).")
-  if batch.vision is not None:
-    for leaf in jax.tree.leaves(batch.vision):
-      if np.shape(leaf)[0] != R:
-        raise ValueError(f"TrainBatch.vision leaves must be batched per row [R={R}, ...], got a leaf of "
+  for name, vision, n in (("vision", batch.vision, R), ("prefix_vision", batch.prefix_vision, G)):
+    for leaf in jax.tree.leaves(vision):
+      if np.shape(leaf)[0] != n:
+        raise ValueError(f"TrainBatch.{name} leaves must be batched per row [{n}, ...], got a leaf of "
                          f"shape {np.shape(leaf)} (flattened vision layout?).")

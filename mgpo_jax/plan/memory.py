@@ -133,7 +133,7 @@ class Setup:
   sampling_rules: str                   # "sampling" or "training"
   micro_rows: int                       # rows per micro-batch, all devices
   mini_rows: int                        # rows per optimizer update
-  seq_len: int                          # tokens per training row
+  seq_len: int                          # tokens per training row (its whole conversation, prompt included)
   patches_per_row: int                  # vision patches per training row (all its images)
   remat: bool
   compute_bytes: int                    # bf16 = 2, f32 = 4
@@ -145,6 +145,12 @@ class Setup:
   # rematerialised; blocks rematerialised with `remat`); "dense": the earlier [P, P] masked attention
   # in every block without remat, kept for comparison.
   vision_impl: str = "chunked"
+  # The learner's shared-prefix layout (`rl.batch`): of each row's `seq_len` tokens / `patches_per_row`
+  # patches, its prompt (minus its last token) and the prompt's image are a prefix that `group_rows` rows
+  # share (1: every row its own copy, `rl.share_prefix=False`); the rest is the row's continuation.
+  prefix_len: int = 1
+  prefix_patches: int = 0
+  group_rows: int = 1
 
   @property
   def dp(self) -> int:
@@ -154,12 +160,32 @@ class Setup:
   def rows_per_device(self) -> int:
     return self.micro_rows // self.dp
 
+  @property
+  def continuation_len(self) -> int:
+    return self.seq_len - self.prefix_len
+
+  @property
+  def continuation_patches(self) -> int:
+    return self.patches_per_row - self.prefix_patches
+
+  @property
+  def prefixes_per_device(self) -> int:
+    """Prefix slots per device per micro-batch, as `Learner.split_rollout` lays them out for groups of
+    `group_rows` consecutive rows: the distinct groups of a device's rows, rounded up to a power of two."""
+    rows, g = self.rows_per_device, self.group_rows
+    if g <= 1:
+      return rows
+    distinct = rows // g if rows % g == 0 else 1 if g % rows == 0 else min(-(-rows // g) + 1, rows)
+    return min(1 << (distinct - 1).bit_length(), rows)
+
 
 def setup_from_config(config, topology: str, *, mesh: Sequence[int] | None = None,
                       micro_rows_per_device: int | None = None, seq_len: int | None = None,
                       patches_per_row: int | None = None, remat: bool | None = None,
                       cache_len: int | None = None, sampling_prompts: int | None = None,
-                      vision_impl: str = "chunked", sampling_mesh: Sequence[int] | None = None) -> Setup:
+                      vision_impl: str = "chunked", sampling_mesh: Sequence[int] | None = None,
+                      share_prefix: bool | None = None, prefix_len: int | None = None,
+                      prefix_patches: int | None = None) -> Setup:
   """Rollouts are process-local (mgpo_jax/experiment.py): each host decodes `rollout.sampling_batch_size`
   prompts x `num_generations` with its own bfloat16 copy of the policy on its CHIPS_PER_HOST chips
   (`mesh.sampling_shape`, default (1, 1, -1): tensor parallel over them)."""
@@ -180,16 +206,22 @@ def setup_from_config(config, topology: str, *, mesh: Sequence[int] | None = Non
   # A training row: both turns' prompts (images included) and samples, padded to the first seq bucket
   # that holds a typical MGPO conversation; images at most max_pixels each.
   max_patches = config.image.max_pixels // (14 * 14)
+  seq_len = seq_len or config.rollout.seq_buckets[0]
+  patches_per_row = patches_per_row or 2 * max_patches
+  # The shared prompt: the first prompt bucket (at most half the row) and its image (half the row's patches).
+  prefix_len = prefix_len or min(config.rollout.prompt_buckets[0], seq_len // 2)
+  prefix_patches = patches_per_row // 2 if prefix_patches is None else prefix_patches
+  share = config.rl.share_prefix if share_prefix is None else share_prefix
   return Setup(
       topology=topology, num_chips=n, mesh=tuple(shape), sampling_mesh=tuple(s_shape),
       sampling_rules=config.mesh.sampling_rules, micro_rows=micro, mini_rows=mini,
-      seq_len=seq_len or config.rollout.seq_buckets[0],
-      patches_per_row=patches_per_row or 2 * max_patches,
+      seq_len=seq_len, patches_per_row=patches_per_row,
       remat=config.model.remat if remat is None else remat,
       compute_bytes=BF16 if config.model.dtype == "bfloat16" else F32,
       logprob_chunk=config.rl.logprob_chunk_size,
       sampling_rows=prompts * gens, cache_len=cache_len or config.rollout.seq_buckets[-1],
-      vision_impl=vision_impl)
+      vision_impl=vision_impl, prefix_len=prefix_len, prefix_patches=prefix_patches,
+      group_rows=gens if share else 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,40 +279,47 @@ def training_activations(cfg, s: Setup) -> dict[str, float]:
   [U, heads/tp, T, T], and their cotangents in the backward. Vision tower ("chunked", the code): attention
   per chunk of queries, never [P, P]; with remat only each block's input is saved.
   """
-  U, T, tp, c = s.rows_per_device, s.seq_len, s.mesh[2], s.compute_bytes
+  U, T, tp, c = s.rows_per_device, s.continuation_len, s.mesh[2], s.compute_bytes
+  G, S = s.prefixes_per_device, s.prefix_len
   D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
   N, K, H = _div(cfg.num_heads, tp), _div(cfg.num_kv_heads, tp), cfg.head_dim
-  attn_saved = U * N * T * T * (F32 + c)                # scores + probabilities
-  attn_backward = U * N * T * T * (F32 + F32)            # their cotangents
-  proj = U * T * ((N + 2 * K) * H + N * H) * c           # q, k, v, attention output
-  mlp = U * T * _div(F, tp) * 3 * c                      # gate, up, silu(gate) * up
-  resid = U * T * D * (F32 + 3 * c)                      # x, norms (f32 inside rms_norm)
+  # Shared-prefix forward: G prefixes of S tokens (causal among themselves), U continuations of T tokens
+  # attending to their prefix's S keys (gathered per row) and their own T.
+  tokens = U * T + G * S
+  pairs = U * T * (S + T) + G * S * S
+  attn_saved = N * pairs * (F32 + c)                     # scores + probabilities
+  attn_backward = N * pairs * (F32 + F32)                # their cotangents
+  proj = tokens * ((N + 2 * K) * H + N * H) * c + U * S * 2 * K * H * c   # q, k, v, out; prefix k, v per row
+  mlp = tokens * _div(F, tp) * 3 * c                     # gate, up, silu(gate) * up
+  resid = tokens * D * (F32 + 3 * c)                     # x, norms (f32 inside rms_norm)
   layer_saved = attn_saved + proj + mlp + resid
   if s.remat:
-    decoder_saved = L * U * T * D * c
+    decoder_saved = L * tokens * D * c
     decoder_peak = layer_saved + attn_backward + proj + mlp
   else:
     decoder_saved = L * layer_saved
     decoder_peak = attn_backward + proj + mlp
   v = cfg.vision
-  P, Nv, Dv, Fv = s.patches_per_row, _div(v.num_heads, tp), v.hidden_size, _div(v.intermediate_size, tp)
-  linear = P * (Dv * (F32 + 3 * c) + 3 * Dv * c + 3 * Fv * c)
-  if s.vision_impl == "dense":
-    vis_block = U * (Nv * P * P * (F32 + c + 1) + linear)
-    vision_saved = v.depth * vis_block + U * 2 * P * P     # + the window / image masks
-    vision_peak = U * Nv * P * P * 2 * F32
-  elif s.vision_impl == "chunked":
-    C = min(VISION_CHUNK, P)
-    band = (v.window_size // v.patch_size) ** 2
-    full_scores = U * Nv * C * P * (F32 + c) * 2          # one chunk's scores/probs + cotangents (full block)
-    window_scores = U * Nv * C * (C + 2 * band) * (F32 + c) * 2
-    if s.remat:
-      vision_saved = v.depth * U * P * Dv * c              # each block's input
-    else:                                                  # block activations, no [P, P]
-      vision_saved = v.depth * U * linear
-    vision_peak = U * 2 * linear + max(full_scores, window_scores)
-  else:
+  Nv, Dv, Fv = _div(v.num_heads, tp), v.hidden_size, _div(v.intermediate_size, tp)
+
+  def vision(U, P):  # (saved, peak) of the vision tower over U image rows of P patches
+    if P == 0 or U == 0:
+      return 0, 0
+    linear = P * (Dv * (F32 + 3 * c) + 3 * Dv * c + 3 * Fv * c)
+    if s.vision_impl == "dense":
+      vis_block = U * (Nv * P * P * (F32 + c + 1) + linear)
+      return v.depth * vis_block + U * 2 * P * P, U * Nv * P * P * 2 * F32   # + the window / image masks
+    if s.vision_impl == "chunked":
+      C = min(VISION_CHUNK, P)
+      band = (v.window_size // v.patch_size) ** 2
+      full_scores = U * Nv * C * P * (F32 + c) * 2          # one chunk's scores/probs + cotangents (full block)
+      window_scores = U * Nv * C * (C + 2 * band) * (F32 + c) * 2
+      saved = v.depth * U * P * Dv * c if s.remat else v.depth * U * linear   # block inputs / activations
+      return saved, U * 2 * linear + max(full_scores, window_scores)
     raise ValueError(f"vision_impl={s.vision_impl!r}: 'chunked' or 'dense'")
+
+  (rows_saved, rows_peak), (pre_saved, pre_peak) = vision(U, s.continuation_patches), vision(G, s.prefix_patches)
+  vision_saved, vision_peak = rows_saved + pre_saved, max(rows_peak, pre_peak)
   chunk = min(s.logprob_chunk, T)
   logits = U * chunk * _div(V, tp) * F32 * 3             # logits, softmax, cotangent of one chunk
   # FSDP: one layer's weights gathered over 'fsdp' (compute dtype), twice for overlap.
@@ -311,12 +350,16 @@ def plan(cfg, s: Setup, chip: Chip) -> dict[str, Any]:
   pc = param_bytes(leaves, s.mesh, shd.RULES, s.compute_bytes)
   n_dev = p32["per_device_elements"]
   v = cfg.vision
-  # One row of the mini-batch (int32 / f32 leaves of TrainBatch): 4 per token, pixels + 4 per patch, the
-  # merge-order index, and rewards, group id, valid box, 2 turn lengths, 2 x 3 grid values.
-  row_in = (s.seq_len * 4 * 4 + s.patches_per_row * (v.patch_dim * F32 + 4 * 4)
-            + s.patches_per_row // v.merge_unit * 4 + 11 * 4)
+  # One row of the mini-batch (int32 / f32 leaves of TrainBatch): 4 per continuation token, pixels + 4 per
+  # patch, the merge-order index, and rewards, group id, valid box, prefix index, 2 turn lengths, 1 x 3 grid
+  # values; one prefix: 2 per token, its image's pixels etc., 1 x 3 grid values. Prefix slots per device
+  # per micro-batch: `prefixes_per_device`.
+  Tc, Pc, Pp = s.continuation_len, s.continuation_patches, s.prefix_patches
+  row_in = Tc * 4 * 4 + Pc * (v.patch_dim * F32 + 4 * 4) + Pc // v.merge_unit * 4 + 9 * 4
+  prefix_in = s.prefix_len * 2 * 4 + Pp * (v.patch_dim * F32 + 4 * 4) + Pp // v.merge_unit * 4 + 3 * 4
+  micro_steps = s.mini_rows // s.micro_rows
   state = {
-      "minibatch_inputs": math.ceil(s.mini_rows / s.dp) * row_in,
+      "minibatch_inputs": math.ceil(s.mini_rows / s.dp) * row_in + micro_steps * s.prefixes_per_device * prefix_in,
       "params_f32": n_dev * F32,
       "grad_accumulator_f32": n_dev * F32,
       "micro_grads": n_dev * s.compute_bytes,
@@ -352,7 +395,7 @@ def plan(cfg, s: Setup, chip: Chip) -> dict[str, Any]:
   peak = max(train_total, sampling_total)
   return {
       "topology": s.topology, "chip": chip.name, "chips": s.num_chips, "hbm_bytes": chip.hbm_bytes,
-      "setup": dataclasses.asdict(s),
+      "setup": dataclasses.asdict(s), "prefixes_per_device": s.prefixes_per_device,
       "params": {"count": p32["elements"], "count_b": p32["elements"] / 1e9,
                  "per_device_f32_bytes": p32["per_device_bytes"], "total_f32_bytes": p32["total_bytes"],
                  "shards": p32["shards"], "per_device_compute_bytes": pc["per_device_bytes"]},
@@ -388,16 +431,25 @@ def abstract_train_inputs(learner, cfg, s: Setup):
   _, params = nnx.split(abstract_model(cfg, lc.precision.param_dtype), nnx.Param)
   ref = jax.tree.map(lambda x: SDS(x.shape, lc.precision.compute_dtype), params)
   state = TrainState(step=SDS((), jnp.int32), params=params, opt_state=jax.eval_shape(learner.tx.init, params))
-  K, U, T, P = s.mini_rows // s.micro_rows, s.micro_rows, s.seq_len, s.patches_per_row
+  K, U, T, P = s.mini_rows // s.micro_rows, s.micro_rows, s.continuation_len, s.continuation_patches
+  G, S, Pp = s.dp * s.prefixes_per_device, s.prefix_len, s.prefix_patches
   v = cfg.vision
   i32, f32 = jnp.int32, jnp.float32
+
+  def vision(n, P):
+    if P == 0:
+      return None
+    return VisionInputs(pixels_PC=SDS((K, n, P, v.patch_dim), f32), pos_P2=SDS((K, n, P, 2), i32),
+                        window_seg_P=SDS((K, n, P), i32), image_seg_P=SDS((K, n, P), i32),
+                        restore_U=SDS((K, n, P // v.merge_unit), i32))
+
   mini = TrainBatch(
+      prefix_ids_GS=SDS((K, G, S), i32), prefix_mask_GS=SDS((K, G, S), i32), prefix_vision=vision(G, Pp),
+      prefix_grid_GI3=SDS((K, G, 1, 3), i32), prefix_index_B=SDS((K, U), i32),
       input_ids_BT=SDS((K, U, T), i32), mask_BT=SDS((K, U, T), i32), loss_mask_BT=SDS((K, U, T), f32),
       old_logp_BT=SDS((K, U, T), f32), rewards_B=SDS((K, U), f32), group_ids_B=SDS((K, U), i32),
-      vision=VisionInputs(pixels_PC=SDS((K, U, P, v.patch_dim), f32), pos_P2=SDS((K, U, P, 2), i32),
-                          window_seg_P=SDS((K, U, P), i32), image_seg_P=SDS((K, U, P), i32),
-                          restore_U=SDS((K, U, P // v.merge_unit), i32)),
-      image_grid_BI3=SDS((K, U, 2, 3), i32), valid_box_B=SDS((K, U), f32), turn_lengths_BK=SDS((K, U, 2), i32))
+      vision=vision(U, P), image_grid_BI3=SDS((K, U, 1, 3), i32), valid_box_B=SDS((K, U), f32),
+      turn_lengths_BK=SDS((K, U, 2), i32))
   R = s.mini_rows
   return state, ref, mini, SDS((R,), f32), SDS((R,), i32), SDS((), i32)
 
@@ -536,7 +588,9 @@ def markdown(p: Mapping[str, Any], aot: Mapping[str, Any] | None = None, model_s
       f"- model: {p['params']['count_b']:.3f} B parameters ({model_source})",
       f"- training mesh (data, fsdp, tensor) = {tuple(s['mesh'])}; micro-batch {s['micro_rows']} rows = "
       f"{s['micro_rows'] // (s['mesh'][0] * s['mesh'][1])} per device; mini-batch {s['mini_rows']} rows; "
-      f"{s['seq_len']} tokens and {s['patches_per_row']} vision patches per row; "
+      f"{s['seq_len']} tokens and {s['patches_per_row']} vision patches per row, of which the prompt (a "
+      f"{s['prefix_len']}-token prefix with {s['prefix_patches']} patches) is shared by {s['group_rows']} rows "
+      f"({p['prefixes_per_device']} prefix slots per device); "
       f"remat: {'every decoder layer (nothing_saveable)' if s['remat'] else 'off'}; vision tower: "
       + ("dense [P, P] attention, no remat (the earlier implementation)" if s["vision_impl"] == "dense" else
          f"chunked attention, {'per-block remat' if s['remat'] else 'no remat'} (current code)"),

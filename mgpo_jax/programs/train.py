@@ -240,16 +240,22 @@ def rollout_batch(config: Any, engine, samples, rng, *, group_offset: int, model
     host_s += sum(result.timings.host_s[1:])  # between turns: decode, parse, crop, preprocess, render
     total_s += result.timings.total_s
   num_turns = engine.cfg.num_turns
-  max_len = max(len(t.token_ids) for t in trajectories)
-  max_patches = max(sum(int(np.prod(g)) for g in t.image_grids) for t in trajectories)
-  max_len, max_patches = processes.global_max(max_len, max_patches)
+  # Shared-prefix layout (rl.batch): each prompt once (tokens bucketed like turn-1 prompts), per row the rest
+  # of its conversation (two buckets per octave up to the largest whole-conversation / patch bucket).
+  sizes = traj_lib.layout_sizes(trajectories, model_cfg.vision, model_cfg.image_token_id)
+  pre_len, pre_patches, cont_len, cont_patches = processes.global_max(
+      sizes.prefix_tokens, sizes.prefix_patches, sizes.tokens, sizes.patches)
+  r = config.rollout
   batch = traj_lib.to_train_batch(
       trajectories, [group_offset + t.sample_index for t in trajectories],
-      seq_bucket=sampling.bucket(max_len, config.rollout.seq_buckets, "sequence length (rollout.seq_buckets)"),
-      patch_bucket=sampling.bucket(max_patches, config.rollout.patch_buckets,
-                                   "patches per row (rollout.patch_buckets)"),
-      max_images=num_turns, pad_id=pad_id, vision_cfg=model_cfg.vision, max_turns=num_turns,
-      image_token_id=model_cfg.image_token_id)
+      seq_bucket=sampling.bucket(cont_len, traj_lib.fine_buckets(r.seq_buckets[-1]),
+                                 "continuation length (rollout.seq_buckets)"),
+      patch_bucket=sampling.bucket(cont_patches, traj_lib.fine_buckets(r.patch_buckets[-1]),
+                                   "continuation patches per row (rollout.patch_buckets)"),
+      prefix_bucket=sampling.bucket(pre_len, r.prompt_buckets, "prompt length (rollout.prompt_buckets)"),
+      prefix_patch_bucket=sampling.bucket(pre_patches, r.patch_buckets, "prompt patches (rollout.patch_buckets)"),
+      max_images=max(num_turns - 1, 1), prefix_max_images=1, pad_id=pad_id, vision_cfg=model_cfg.vision,
+      max_turns=num_turns, image_token_id=model_cfg.image_token_id)
   means = {f"rollout/{k}": float(np.mean([m[k] for m in metrics if k in m])) for k in metrics[0]}
   means[TIMING_PREFIX + "rollout_s"] = total_s
   means[TIMING_PREFIX + "host_between_turns_frac"] = host_s / max(total_s, 1e-9)

@@ -34,7 +34,8 @@ from flax import nnx
 
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from mgpo_jax.models.qwen2_5_vl.layers import NEG_INF, apply_rope, attention, param, rms_norm
-from mgpo_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, num_patches, prepare_vision_images
+from mgpo_jax.models.qwen2_5_vl.vision import (VisionInputs, VisionTower, num_patches, pad_patches,
+                                               prepare_vision_images)
 
 
 @flax.struct.dataclass
@@ -225,9 +226,7 @@ class Qwen25VL(nnx.Module):
       gathered = feats_UD[jnp.clip(idx, 0, R * U - 1)]
     elif vision.pixels_PC.ndim == 3:
       # Batched layout: each row carries its own images, so rows shard together with their pixels.
-      feats_BUD = jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision).astype(x_BTD.dtype)
-      idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
-      gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
+      return insert_row_features(x_BTD, is_img, jax.vmap(lambda v: self.visual(v, remat=self.remat))(vision))
     else:
       # Image features replace <|image_pad|> tokens in flattened (batch, sequence) order.
       feats_UD = self.visual(vision, remat=self.remat).astype(x_BTD.dtype)
@@ -341,6 +340,79 @@ class Qwen25VL(nnx.Module):
                         next_pos_B=cache.next_pos_B if next_pos_B is None else next_pos_B)
     return rms_norm(x_BTD, self.final_norm[...], eps), new_cache
 
+  def forward_shared(self, prefix_ids_GS, prefix_mask_GS, prefix_positions_3GS, prefix_vision: VisionInputs | None,
+                     input_ids_BT, mask_BT, positions_3BT, vision: VisionInputs | None, prefix_index_B,
+                     num_shards: int = 1):
+    """Final hidden states [B, T, D] of continuations that each follow one of G shared prefixes.
+
+    Equal to `forward` over each row's whole sequence (its prefix's real tokens, then its continuation),
+    restricted to the continuation, but every prefix (and its images' vision-tower pass) is computed once:
+
+      layer l:  prefix g     q/k/v over [G, S], causal attention among its real tokens
+                row b        keys = [k_prefix[prefix_index_B[b]] (S slots, prefix mask) | own keys (causal, mask)]
+
+    The per-row keys/values of the prefix are a gather of the prefix's, so autodiff sums each row's
+    gradient into its prefix. `positions_3BT` must continue the prefix's M-RoPE positions (`rope_index`
+    with `start_pos_B` = the prefix's next position). With `num_shards` > 1 rows and prefixes are split into
+    that many equal consecutive blocks and row block i may only point at prefix block i (the learner's
+    per-device layout): the gather then stays within a block, i.e. on one device.
+    """
+    cfg = self.cfg
+    eps, scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
+    pmask_GS = jnp.asarray(prefix_mask_GS).astype(bool)
+    mask_BT = jnp.asarray(mask_BT).astype(bool)
+    G, S = pmask_GS.shape
+    B, T = mask_BT.shape
+    n = num_shards
+    if G % n or B % n:
+      raise ValueError(f"{G} prefixes and {B} rows must both split into num_shards={n} blocks")
+    feats_GUD, feats_BUD = encode_prefix_and_row_images(self.visual, prefix_vision, vision, self.remat)
+    embed = lambda ids, m, f: insert_row_features(jnp.take(self.embed[...], ids, axis=0),
+                                                  (ids == cfg.image_token_id) & m, f)
+    xp_GSD = embed(prefix_ids_GS, pmask_GS, feats_GUD)
+    xc_BTD = embed(input_ids_BT, mask_BT, feats_BUD)
+    cos_p, sin_p = mrope_cos_sin(prefix_positions_3GS, cfg)
+    cos_c, sin_c = mrope_cos_sin(positions_3BT, cfg)
+    # Row b's prefix within its block: block i holds prefixes [i G/n, (i+1) G/n) and rows [i B/n, (i+1) B/n).
+    local_B = jnp.asarray(prefix_index_B, jnp.int32) - (jnp.arange(B) // (B // n)) * (G // n)
+    local_nR = local_B.reshape(n, B // n)
+
+    def to_rows(x_G_):  # [G, ...] -> [B, ...]: each row gets its prefix's entry
+      x_nG_ = x_G_.reshape(n, G // n, *x_G_.shape[1:])
+      return jax.vmap(lambda x, i: x[i])(x_nG_, local_nR).reshape(B, *x_G_.shape[1:])
+
+    causal_TT = jnp.tril(jnp.ones((S, S), bool))
+    prefix_attn_GSS = causal_TT[None] & pmask_GS[:, None, :]
+    own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    row_attn_BTS = jnp.concatenate([jnp.broadcast_to(to_rows(pmask_GS)[:, None, :], (B, T, S)), own_BTT], axis=2)
+
+    def project(x_BTD, w, cos, sin):
+      h = rms_norm(x_BTD, w["input_norm"], eps)
+      q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
+      k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
+      v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
+      return q, k, v
+
+    def finish(x_BTD, o_BTNH, w):
+      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
+      h = rms_norm(x_BTD, w["post_norm"], eps)
+      return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+
+    def body(carry, w):
+      xp, xc = carry
+      qp, kp, vp = project(xp, w, cos_p, sin_p)
+      qc, kc, vc = project(xc, w, cos_c, sin_c)
+      k_all = jnp.concatenate([to_rows(kp), kc], axis=1)
+      v_all = jnp.concatenate([to_rows(vp), vc], axis=1)
+      xc = finish(xc, attention(qc, k_all, v_all, row_attn_BTS, scale), w)
+      xp = finish(xp, attention(qp, kp, vp, prefix_attn_GSS, scale), w)
+      return (xp, xc), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    (_, xc_BTD), _ = jax.lax.scan(body, (xp_GSD, xc_BTD), self.layer_params())
+    return rms_norm(xc_BTD, self.final_norm[...], eps)
+
   def extend(self, cache: KVCache, input_ids_BT, mask_BT, vision: VisionInputs | None = None,
              image_grid_thw_I3=None, layers=None):
     """Append a chunk (prompt, a decoded token, or a new user turn with images) to the cache.
@@ -371,6 +443,50 @@ class Qwen25VL(nnx.Module):
       raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values were given")
     grid = None if vision is None else np.asarray(image_grid_thw).reshape(-1, 3)
     return _logits_jit(self, jnp.asarray(ids), jnp.asarray(mask), grid, vision)
+
+
+def insert_row_features(x_BTD, is_img_BT, feats_BUD):
+  """Row b's image features (batched layout [B, U, D], in order) replace its <|image_pad|> embeddings;
+  `feats_BUD` None: no images, `x_BTD` unchanged."""
+  if feats_BUD is None:
+    return x_BTD
+  feats_BUD = feats_BUD.astype(x_BTD.dtype)
+  idx = jnp.clip(jnp.cumsum(is_img_BT, axis=1) - 1, 0, feats_BUD.shape[1] - 1)
+  gathered = jnp.take_along_axis(feats_BUD, idx[..., None], axis=1)
+  return jnp.where(is_img_BT[..., None], gathered, x_BTD)
+
+
+def encode_prefix_and_row_images(visual: VisionTower, prefix_vision: VisionInputs | None,
+                                 vision: VisionInputs | None, remat: bool):
+  """Vision features of the prefixes' images [G, Up, D] and of the rows' own (crop) images [B, U, D]
+  (batched layouts; None where the input is None), from ONE vision-tower pass over both sets of rows.
+
+  Why one pass: every vision block runs collectives (on a sharded mesh), so a tower pass is a stream of
+  collectives. XLA:CPU fixes only the order in which two independent streams START, not how their
+  collectives interleave, so two passes in one program (prefixes, then crops) reach gloo in different
+  orders on different processes and a multi-process CPU run fails with a collective size mismatch. One
+  pass over the rows [prefixes; crops] is one stream. (The same holds for any collective that does not
+  depend on the pass but is scheduled after it starts; with this plain concatenation XLA schedules
+  those before the pass. Joining the rows per shard block instead, to keep them on their device,
+  moved some index gathers after it and the two-process run failed again.)
+
+  Both sets are padded to the larger patch bucket (`pad_patches`; padding contributes nothing). Cost:
+  when the prompt bucket Pp exceeds the crop bucket P, every crop row is encoded at Pp patches, i.e. the
+  crops' vision work grows from B x P to B x Pp patches (attention: B x P^2 to B x Pp^2); likewise
+  G x (P - Pp) padded patches for the prefixes when P > Pp.
+  """
+  if prefix_vision is None or vision is None:
+    encode = lambda v: None if v is None else jax.vmap(lambda r: visual(r, remat=remat))(v)
+    return encode(prefix_vision), encode(vision)
+  G, Pp = prefix_vision.pixels_PC.shape[:2]
+  P = vision.pixels_PC.shape[1]
+  Up, U = prefix_vision.restore_U.shape[1], vision.restore_U.shape[1]
+  pad_to = max(Pp, P)
+  joined = jax.tree.map(lambda p, c: jnp.concatenate([p, c]),
+                        pad_patches(prefix_vision, pad_to), pad_patches(vision, pad_to))
+  feats = jax.vmap(lambda r: visual(r, remat=remat))(joined)
+  feats_GUD, feats_BUD = feats[:G, :Up], feats[G:, :U]
+  return feats_GUD, feats_BUD
 
 
 @nnx.jit

@@ -134,6 +134,27 @@ def prepare_vision_batch(pixel_values_B, grid_thw_B, cfg: VisionConfig, pad_to: 
   return jax.tree.map(lambda *xs: np.stack(xs), *rows), grids
 
 
+def pad_patches(vis: VisionInputs, pad_to: int) -> VisionInputs:
+  """Batched-layout `vis` [R, P, ...] with every row padded to `pad_to` >= P patches (jit-friendly), the way
+  `prepare_vision_inputs(pad_to=...)` pads: the new patches belong to no window and no image (-1), so no
+  real patch attends to them, and their merged units come after the old ones (`restore_U`), so a row's
+  first P // merge_unit output features are those of the unpadded row."""
+  P, U = vis.pixels_PC.shape[1], vis.restore_U.shape[1]
+  unit = P // U
+  if vis.flat_order or vis.pixels_PC.ndim != 3 or pad_to < P or pad_to % unit:
+    raise ValueError(f"pad_patches takes per-row batched vision inputs [R, P, ...] and pad_to >= P={P}, a "
+                     f"multiple of {unit}; got pad_to={pad_to}")
+  pad = pad_to - P
+  if pad == 0:
+    return vis
+  R = vis.pixels_PC.shape[0]
+  fill = lambda x, value: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+  new_units = jnp.broadcast_to(jnp.arange(U, pad_to // unit, dtype=vis.restore_U.dtype), (R, pad // unit))
+  return vis.replace(pixels_PC=fill(vis.pixels_PC, 0), pos_P2=fill(vis.pos_P2, 0),
+                     window_seg_P=fill(vis.window_seg_P, -1), image_seg_P=fill(vis.image_seg_P, -1),
+                     restore_U=jnp.concatenate([vis.restore_U, new_units], axis=1))
+
+
 def pack_images(grid_thw, capacity: int) -> list[list[int]]:
   """Image indices in rows of at most `capacity` patches, in order (next fit: a row closes when the next
   image does not fit), so reading the rows one after another gives the images in their original order."""
