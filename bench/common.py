@@ -343,10 +343,10 @@ def write_results(name: str, title: str, sections: Sequence[tuple[str, Sequence[
   return json_path, md_path
 
 
-def mgpo_workload_main(doc: str, run, argv=None):
-  """The command line of an MGPO-shaped shared-vs-per-row bench (`shared_rollout`):
+def mgpo_workload_main(doc: str, run, argv=None, with_transformers: bool = False):
+  """The command line of the MGPO-shaped shared-vs-per-row benches (`shared_rollout`, `shared_update`):
   parses the workload's shape and calls `run(size, prompts, generations, prompt_text, image_px, crop_px,
-  turn1_tokens, turn2_tokens, repeats, out_dir)`."""
+  turn1_tokens, turn2_tokens, repeats, out_dir)` (plus `transformers=` where `with_transformers`)."""
   ap = argparse.ArgumentParser(description=doc.splitlines()[0])
   ap.add_argument("--size", default="bench")
   ap.add_argument("--prompts", type=int, default=2)
@@ -358,6 +358,10 @@ def mgpo_workload_main(doc: str, run, argv=None):
   ap.add_argument("--turn2_tokens", type=int, default=10)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out_dir", default=RESULTS_DIR)
+  if with_transformers:
+    ap.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time transformers generate on the same workload (one call per turn)")
   a = ap.parse_args(argv)
+  kw = {"transformers": a.transformers} if with_transformers else {}
   return run(a.size, a.prompts, a.generations, a.prompt_text, a.image_px, a.crop_px, a.turn1_tokens,
-             a.turn2_tokens, a.repeats, a.out_dir)
+             a.turn2_tokens, a.repeats, a.out_dir, **kw)

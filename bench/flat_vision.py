@@ -17,7 +17,6 @@ call each, then `repeats` alternating rounds; medians reported.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 

@@ -17,7 +17,6 @@ same process, alternating after one warm-up each; medians. Peak memory: XLA's
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import numpy as np
@@ -129,20 +128,7 @@ def run(size: str, prompts: int, generations: int, prompt_text: int, image_px: i
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--size", default="bench")
-  ap.add_argument("--prompts", type=int, default=2)
-  ap.add_argument("--generations", type=int, default=8)
-  ap.add_argument("--prompt_text", type=int, default=40)
-  ap.add_argument("--image_px", type=int, default=448)
-  ap.add_argument("--crop_px", type=int, default=336)
-  ap.add_argument("--turn1_tokens", type=int, default=30)
-  ap.add_argument("--turn2_tokens", type=int, default=10)
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--out_dir", default=common.RESULTS_DIR)
-  a = ap.parse_args(argv)
-  run(a.size, a.prompts, a.generations, a.prompt_text, a.image_px, a.crop_px, a.turn1_tokens, a.turn2_tokens,
-      a.repeats, a.out_dir)
+  common.mgpo_workload_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def test_shared_rollout_smoke(tmp_path):
                      turn2_tokens=2, repeats=1, out_dir=str(tmp_path))  # raises if shared != per-row tokens
   data, md = _load(tmp_path, "shared_rollout")
   rows = {r["variant"]: r for r in data["sections"]["Rollout time"]}
-  assert set(rows) == {"shared", "per row"} and data["meta"]["same_tokens"] is True
+  assert set(rows) == {"shared", "per row", "transformers"} and data["meta"]["same_tokens"] is True
   assert all(_positive(r["rollout s (median)"]) for r in rows.values())
 
 
