@@ -29,13 +29,14 @@ class TransformersRollout:
   """Two turns with transformers `generate`: one batched call per turn, the second re-encoding the whole
   conversation (the turn-1 KV cache is not carried across `generate` calls)."""
 
-  def __init__(self, hf_dir: str, image_token_id: int, pad_id: int):
+  def __init__(self, hf_dir: str, image_token_id: int, pad_id: int, vision_ids: tuple[int, ...]):
     import os
 
     import torch
     from transformers import GenerationConfig
     torch.set_num_threads(os.cpu_count() or 1)
-    self.torch, self.image_token_id = torch, image_token_id
+    torch.manual_seed(0)
+    self.torch, self.image_token_id, self.vision_ids = torch, image_token_id, vision_ids
     self.model = common.load_torch_model(hf_dir)
     self.gen = lambda n: GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0,
                                           top_k=None, top_p=None, use_cache=True, eos_token_id=None,
@@ -56,6 +57,11 @@ class TransformersRollout:
     t0 = time.perf_counter()
     conv1 = self._generate(np.asarray(rows1, np.int64), [p for p, _ in images1], [g for _, g in images1], turn1_tokens)
     t1 = time.perf_counter()
+    # A random model samples vision special tokens too; in the next call transformers would read them as
+    # image placeholders without pixels. A trained model does not emit them: make them plain text.
+    conv1 = conv1.copy()
+    answer = conv1[:, len(rows1[0]):]
+    answer[np.isin(answer, self.vision_ids)] = 10  # an ordinary text id (the rows' text ids are >= 10)
     ids2 = np.concatenate([conv1, np.asarray(rows2, np.int64)], 1)
     pixels = [p for a, b in zip(images1, images2) for p in (a[0], b[0])]  # row after row, in token order
     grids = [g for a, b in zip(images1, images2) for g in (a[1], b[1])]
@@ -120,7 +126,9 @@ def run(size: str, prompts: int, generations: int, prompt_text: int, image_px: i
   turn_s = {name: [] for name in samplers}
   fns = {name: (lambda n=name: turn_s[n].append(rollout(n))) for name in samplers}
   if transformers:  # rows of equal length by construction: no padding on either side
-    theirs = TransformersRollout(hf_dir, cfg.image_token_id, cfg.pad_token_id or 0)
+    theirs = TransformersRollout(hf_dir, cfg.image_token_id, cfg.pad_token_id or 0,
+                                 (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                  cfg.vision_end_token_id))
     call = lambda: theirs(rows1, images1, rows2, images2, turn1_tokens, turn2_tokens)
     warm["transformers"] = common.timed(call)[0]
     turn_s["transformers"] = []
