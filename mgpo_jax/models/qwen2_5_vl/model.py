@@ -119,6 +119,22 @@ def _matmul_bwd(res, g_BTF):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def layer_qkv(x_BTD, w, cos, sin, eps: float):
+  """A decoder layer's first half: pre-norm, then q/k/v projections with M-RoPE on q and k."""
+  h = rms_norm(x_BTD, w["input_norm"], eps)
+  q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
+  k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
+  v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
+  return q, k, v
+
+
+def layer_out(x_BTD, o_BTNH, w, eps: float):
+  """A decoder layer's second half: attention output projection + residual, then the SwiGLU MLP."""
+  x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
+  h = rms_norm(x_BTD, w["post_norm"], eps)
+  return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+
+
 def rope_index(input_ids_BT, mask_BT, image_grid_thw_I3, cfg: Qwen25VLConfig, start_pos_B=None):
   """M-RoPE position ids [3, B, T] and the next text position [B], as HF's `get_rope_index`.
 
@@ -284,17 +300,8 @@ class Qwen25VL(nnx.Module):
       causal_TS = slots_S[None, :] <= cache.end + jnp.arange(T)[:, None]
       attn_mask_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
 
-    def project(x_BTD, w):
-      h = rms_norm(x_BTD, w["input_norm"], eps)
-      q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
-      k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
-      v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
-      return q, k, v
-
-    def finish(x_BTD, o_BTNH, w):
-      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
-      h = rms_norm(x_BTD, w["post_norm"], eps)
-      return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+    project = lambda x_BTD, w: layer_qkv(x_BTD, w, cos, sin, eps)
+    finish = lambda x_BTD, o_BTNH, w: layer_out(x_BTD, o_BTNH, w, eps)
 
     def write(buf, new_BTKH, at):
       # Only the T new tokens are written (in place); `at` is the index of slot `end` in `buf`.
@@ -386,17 +393,8 @@ class Qwen25VL(nnx.Module):
     own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
     row_attn_BTS = jnp.concatenate([jnp.broadcast_to(to_rows(pmask_GS)[:, None, :], (B, T, S)), own_BTT], axis=2)
 
-    def project(x_BTD, w, cos, sin):
-      h = rms_norm(x_BTD, w["input_norm"], eps)
-      q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, w["q"]) + w["q_bias"], cos, sin)
-      k = apply_rope(jnp.einsum("BTD,DKH->BTKH", h, w["k"]) + w["k_bias"], cos, sin)
-      v = jnp.einsum("BTD,DKH->BTKH", h, w["v"]) + w["v_bias"]
-      return q, k, v
-
-    def finish(x_BTD, o_BTNH, w):
-      x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o_BTNH, w["o"])
-      h = rms_norm(x_BTD, w["post_norm"], eps)
-      return x_BTD + _matmul(jax.nn.silu(_matmul(h, w["gate"])) * _matmul(h, w["up"]), w["down"])
+    project = lambda x_BTD, w, cos, sin: layer_qkv(x_BTD, w, cos, sin, eps)
+    finish = lambda x_BTD, o_BTNH, w: layer_out(x_BTD, o_BTNH, w, eps)
 
     def body(carry, w):
       xp, xc = carry
