@@ -23,6 +23,7 @@ from flax import nnx
 from mgpo_jax.learner import (Learner, LearnerConfig, OldLogpSource, OptimConfig, rollout_advantages,
                               token_loss_mask)
 from mgpo_jax.models.qwen2_5_vl import init_model, rope_index
+from mgpo_jax.models.qwen2_5_vl.model import prefix_rows
 from mgpo_jax.models.qwen2_5_vl.vision import prepare_vision_batch
 from mgpo_jax.rl.logprobs import shift_targets, token_logprobs_and_entropy
 from mgpo_jax.rl.losses import policy_loss
@@ -177,6 +178,19 @@ def test_one_vision_loop_per_forward(setup, batch):
   for name, (closed, passes) in programs.items():
     loops = {"decoder": _loops_over(closed.jaxpr, decoder_w), "vision": _loops_over(closed.jaxpr, vision_w)}
     assert loops == {"decoder": passes, "vision": passes}, (name, loops)
+
+
+@pytest.mark.parametrize("n,G,B", [(1, 3, 5), (2, 4, 6), (4, 4, 8), (4, 8, 4)])
+def test_prefix_rows_is_a_per_block_take(n, G, B):
+  """`prefix_rows` gives each row its prefix's entry, like a global take, while indexing only within the
+  row's device block (block i: prefixes [i G/n, (i+1) G/n), rows [i B/n, (i+1) B/n)). The global take
+  over the sharded prefix axis is what libtpu 0.0.42.1 aborted on at one prefix per device (G == n)."""
+  rng = np.random.default_rng(n * 100 + G)
+  x_G2 = rng.normal(size=(G, 2)).astype(np.float32)
+  block_B = np.arange(B) // (B // n)
+  index_B = block_B * (G // n) + rng.integers(G // n, size=B)
+  got = prefix_rows(jnp.asarray(x_G2), jnp.asarray(index_B, jnp.int32), n)
+  np.testing.assert_array_equal(np.asarray(got), x_G2[index_B])
 
 
 def test_tokens_off_the_turn_mask_get_exactly_zero_weight(setup, batch):

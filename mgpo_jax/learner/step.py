@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mgpo_jax.parallel import processes, sharding as shd
 from mgpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL, rope_index
+from mgpo_jax.models.qwen2_5_vl.model import Qwen25VL, prefix_rows, rope_index
 from mgpo_jax.models.qwen2_5_vl.params import abstract_model
 from mgpo_jax.rl.advantages import get_advantage_fn
 from mgpo_jax.rl.batch import PREFIX_FIELDS, ROW_FIELDS, TrainBatch
@@ -178,7 +178,7 @@ def sequence_logprobs(model: Qwen25VL, batch: TrainBatch, *, chunk_size: int, te
   ppos_3GS, pnext_G = rope_index(batch.prefix_ids_GS, batch.prefix_mask_GS, pgrid, cfg)
   ids_BT, mask_BT = batch.input_ids_BT, batch.mask_BT
   grid = batch.image_grid_BI3 if batch.vision is not None else None
-  start_B = jnp.take(pnext_G, jnp.asarray(batch.prefix_index_B, jnp.int32), axis=0)
+  start_B = prefix_rows(pnext_G, batch.prefix_index_B, num_shards)
   positions_3BT, _ = rope_index(ids_BT, mask_BT, grid, cfg, start_pos_B=start_B)
   h_BTD = model.forward_shared(batch.prefix_ids_GS, batch.prefix_mask_GS, ppos_3GS, batch.prefix_vision,
                                ids_BT, mask_BT, positions_3BT, batch.vision, batch.prefix_index_B,

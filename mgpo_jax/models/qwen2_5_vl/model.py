@@ -195,6 +195,19 @@ def mrope_cos_sin(positions_3BT, cfg: Qwen25VLConfig):
   return jnp.cos(f), jnp.sin(f)
 
 
+def prefix_rows(x_G_, prefix_index_B, num_shards: int = 1):
+  """[G, ...] -> [B, ...]: each row gets its prefix's entry, gathered within its block.
+
+  Block i holds prefixes [i G/n, (i+1) G/n) and rows [i B/n, (i+1) B/n) (n = num_shards, the learner's
+  per-device layout), so the gather stays on one device. A gather with global indices over the sharded
+  prefix axis is what libtpu 0.0.42.1 aborted on at one prefix per device (collective_opt_utils.cc:79).
+  """
+  G, B, n = x_G_.shape[0], prefix_index_B.shape[0], num_shards
+  local_B = jnp.asarray(prefix_index_B, jnp.int32) - (jnp.arange(B) // (B // n)) * (G // n)
+  x_nG_ = x_G_.reshape(n, G // n, *x_G_.shape[1:])
+  return jax.vmap(lambda x, i: x[i])(x_nG_, local_B.reshape(n, B // n)).reshape(B, *x_G_.shape[1:])
+
+
 class Qwen25VL(nnx.Module):
   """Vision tower + Qwen2 decoder + LM head. `__call__` is the eager HF-like entry point; the jitted
   programs (sampler, train step) call `forward` with precomputed positions and vision inputs."""
@@ -380,13 +393,7 @@ class Qwen25VL(nnx.Module):
     xc_BTD = embed(input_ids_BT, mask_BT, feats_BUD)
     cos_p, sin_p = mrope_cos_sin(prefix_positions_3GS, cfg)
     cos_c, sin_c = mrope_cos_sin(positions_3BT, cfg)
-    # Row b's prefix within its block: block i holds prefixes [i G/n, (i+1) G/n) and rows [i B/n, (i+1) B/n).
-    local_B = jnp.asarray(prefix_index_B, jnp.int32) - (jnp.arange(B) // (B // n)) * (G // n)
-    local_nR = local_B.reshape(n, B // n)
-
-    def to_rows(x_G_):  # [G, ...] -> [B, ...]: each row gets its prefix's entry
-      x_nG_ = x_G_.reshape(n, G // n, *x_G_.shape[1:])
-      return jax.vmap(lambda x, i: x[i])(x_nG_, local_nR).reshape(B, *x_G_.shape[1:])
+    to_rows = lambda x_G_: prefix_rows(x_G_, prefix_index_B, n)
 
     causal_TT = jnp.tril(jnp.ones((S, S), bool))
     prefix_attn_GSS = causal_TT[None] & pmask_GS[:, None, :]
