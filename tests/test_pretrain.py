@@ -24,7 +24,7 @@ from mgpo_jax.rollout import engine
 SCENE = scenes.SceneConfig(input_side=112, num_objects=3, object_side=30, dot_side=2, jitter=2)
 CFG = pretrain.PretrainConfig(
     steps=8, batch_size=4, warmup_steps=2, eval_every=4, num_eval=4, vocab_size=400, scene=SCENE,
-    buckets=(pretrain.Bucket(160, 64), pretrain.Bucket(160, 64), pretrain.Bucket(320, 128)),
+    buckets=(pretrain.Bucket(160, 64), pretrain.Bucket(160, 64), pretrain.Bucket(320, 128), pretrain.Bucket(160, 64)),
     hidden_size=64, num_layers=1, num_heads=2, vision_hidden_size=16, vision_depth=1)
 
 
@@ -133,6 +133,42 @@ def test_refer_rows_answer_the_named_squares_box(env):
     prompt = tok.decode(tr.token_ids[:tr.turn_spans[0][0]].tolist())
     assert pretrain.REFER_QUESTION.format(color=t.color) in prompt and scenes.question(t.color) not in prompt
     assert len(tr.images) == 1 and tr.num_turns == 1
+
+
+def test_list_rows_put_each_colour_word_right_before_its_squares_box(env):
+  tok, model_cfg = env
+  seeds = list(range(4))
+  rows = pretrain.build_rows(pretrain.RowKind.LIST, seeds, tok, model_cfg, CFG)
+  for seed, tr in zip(seeds, rows):
+    _, objects, _, _ = pretrain._decoded(seed, CFG)  # pylint: disable=protected-access
+    text = _text(tok, tr, 0)
+    assert text == pretrain.list_text(objects)
+    for o in objects:  # the colour word, then its box: the next token after the colour is a digit of it
+      assert o.color + ",".join(f"{v:03d}" for v in o.box_in) in text
+    ids = tr.turn_tokens(0).tolist()
+    colour_ids = {tok.encode(" " + o.color, add_special_tokens=False)[0] for o in objects}
+    assert sum(i in colour_ids for i in ids) == len(objects)
+    for j, i in enumerate(ids[:-1]):
+      if i in colour_ids:
+        assert tok.decode([ids[j + 1]]).isdigit()
+    prompt = tok.decode(tr.token_ids[:tr.turn_spans[0][0]].tolist())
+    assert pretrain.LIST_QUESTION in prompt and pretrain.LIST_REQUEST in prompt
+    assert len(tr.images) == 1 and tr.num_turns == 1 and tr.turn_mask[slice(*tr.turn_spans[0])].all()
+
+
+def test_a_zero_list_weight_keeps_the_recipes_draws():
+  """The committed base's stages give 3 weights; the 4th kind (list) must not change which kinds they drew
+  (the draws before the list rows existed: `rng.choice(3, p=mix)`)."""
+  for mix in ((0.35, 0.35, 0.3), (0.6, 0.2, 0.2), (1.0, 0.0, 0.0)):
+    old, new = np.random.default_rng([3, 7]), np.random.default_rng([3, 7])
+    before = [list(pretrain.RowKind)[int(old.choice(3, p=np.asarray(mix) / sum(mix)))] for _ in range(300)]
+    p = pretrain.kind_weights(mix)
+    assert p.shape == (4,) and p[3] == 0
+    assert [pretrain.draw_kind(new, p) for _ in range(300)] == before
+  assert pretrain.kind_weights((0, 0, 0, 1.0)).tolist() == [0, 0, 0, 1.0]
+  for bad in ((1.0, 0, 0, 0, 1.0), (0.0, 0.0), (1.0, -0.5)):
+    with pytest.raises(ValueError, match="mix"):
+      pretrain.kind_weights(bad)
 
 
 def test_close_up_rows_show_the_asked_square_and_train_the_answer(env):

@@ -11,6 +11,11 @@ RL teaches it to box the region the *question* needs. The stand-in base learns, 
   format     the MGPO conversation of the RL question whose turn-1 box is the box of a RANDOM square of
              the scene (uniform, whatever the question asks), trained; the answer is trained only when
              that square is the asked one. The format and the second look, never which square to pick
+  list       "List the squares." -> "The squares: red056,084,092,120; green..." (`list_text`): every
+             square, colours in a fixed order, each colour word directly followed by its box. The token
+             after a colour word is its square's position, so attending from the colour word to the square
+             of that colour is what lowers the loss at once (a first-order signal). Referring needs that
+             lookup, and the refer rows alone never taught it: bench/results/repro/base/probes/lookup/
 
 So no row ever pairs the RL question with the box of the square it asks about: at RL step 0 the base
 boxes a random square in MGPO's turn 1 (target-hit ~1/num_objects), and only the answer reward can
@@ -67,6 +72,8 @@ BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base")
 
 REFER_QUESTION = "Where is the {color} square?"
 REFER_REQUEST = "Give its box as JSON."
+LIST_QUESTION = "List the squares."
+LIST_REQUEST = "Give each color and box."
 BOX_LABEL = "key region"
 
 
@@ -74,6 +81,7 @@ class RowKind(enum.StrEnum):
   REFER = "refer"
   CLOSE_UP = "close_up"
   FORMAT = "format"
+  LIST = "list"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,9 @@ class PretrainConfig:
   warmup_steps: int = 50
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.01
-  mix: tuple[float, float, float] = (0.35, 0.35, 0.3)  # refer / close_up / format
+  # Weights of the row kinds, in `RowKind` order: refer / close_up / format / list (a missing last weight
+  # is 0: the committed base's recipe predates the list rows).
+  mix: tuple[float, ...] = (0.35, 0.35, 0.3)
   close_up_jitter: int = 6            # input px a close-up box is off its square (a model's box error)
   seed: int = 0
   eval_every: int = 100
@@ -104,7 +114,7 @@ class PretrainConfig:
   init_dir: str = ""
   prompt_style: str = "short"
   scene: scenes.SceneConfig = scenes.SceneConfig()
-  buckets: tuple[Bucket, Bucket, Bucket] = (Bucket(192, 256), Bucket(192, 256), Bucket(384, 512))
+  buckets: tuple[Bucket, ...] = (Bucket(192, 256), Bucket(192, 256), Bucket(384, 512), Bucket(192, 256))
   hidden_size: int = 128
   num_layers: int = 4
   num_heads: int = 4                   # head_dim = hidden_size / num_heads = 2 * sum(mrope_section)
@@ -113,6 +123,11 @@ class PretrainConfig:
   mrope_section: tuple[int, int, int] = (1, 3, 12)
   vision_hidden_size: int = 64
   vision_depth: int = 2
+
+  def __post_init__(self):
+    if len(self.buckets) != len(RowKind):
+      raise ValueError(f"buckets: one per row kind ({', '.join(RowKind)}), got {len(self.buckets)}")
+    kind_weights(self.mix)
 
   def image(self) -> ImageProcessorConfig:
     s = self.scene.input_side
@@ -138,10 +153,10 @@ class PretrainConfig:
                                     prompts=prompts_lib.prompt_style(self.prompt_style))
 
 
-def refer_prompts(style: str) -> prompts_lib.PromptConfig:
+def refer_prompts(style: str, request: str = REFER_REQUEST) -> prompts_lib.PromptConfig:
   """The referring task's single-turn prompt: system, image, "Where is the <colour> square?", request."""
   return dataclasses.replace(prompts_lib.prompt_style(style), question_template="{question}",
-                             answer_format_open=REFER_REQUEST)
+                             answer_format_open=request)
 
 
 def task_corpus(cfg: PretrainConfig) -> list[str]:
@@ -167,6 +182,13 @@ def task_corpus(cfg: PretrainConfig) -> list[str]:
 def box_text(box: Sequence[int], label: str) -> str:
   """A grounding turn's output in the protocol's format."""
   return f'```json\n[{{"bbox_2d": [{", ".join(str(int(v)) for v in box)}], "label": "{label}"}}]\n```'
+
+
+def list_text(objects: Sequence[scenes.SceneObject]) -> str:
+  """Every square as its colour word directly followed by its box (input pixels, 3 digits each), in the
+  order of `scenes.COLORS`: "The squares: red056,084,092,120; green007,121,043,157."."""
+  order = sorted(objects, key=lambda o: list(scenes.COLORS).index(o.color))
+  return "The squares: " + "; ".join(o.color + ",".join(f"{int(v):03d}" for v in o.box_in) for o in order) + "."
 
 
 def answer_text(letter: str) -> str:
@@ -256,6 +278,12 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
       script_texts.append([box_text(target.box_in, f"{target.color} square")])
       train_answer.append(True)
       continue
+    if kind == RowKind.LIST:
+      samples.append({"id": f"list-{seed}", "question": LIST_QUESTION, "choices": None, "answer": "A",
+                      "image": img})
+      script_texts.append([list_text(objects)])
+      train_answer.append(True)
+      continue
     sample = {"id": f"scene-{seed}", "question": scenes.question(target.color), "choices": list(scenes.OPTIONS),
               "answer": letter, "image": img}
     if kind == RowKind.CLOSE_UP:
@@ -270,8 +298,9 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
 
   single = kind != RowKind.FORMAT
   rollout_cfg = cfg.rollout(engine_lib.RolloutMode.SINGLE_TURN if single else engine_lib.RolloutMode.MGPO)
-  if kind == RowKind.REFER:
-    rollout_cfg = dataclasses.replace(rollout_cfg, prompts=refer_prompts(cfg.prompt_style))
+  if kind in (RowKind.REFER, RowKind.LIST):
+    request = REFER_REQUEST if kind == RowKind.REFER else LIST_REQUEST
+    rollout_cfg = dataclasses.replace(rollout_cfg, prompts=refer_prompts(cfg.prompt_style, request))
   sp = special_token_ids(tokenizer)
   engine = engine_lib.RolloutEngine(
       ScriptedSampler(model_cfg, tokenizer, lambda r, turn: script_texts[r][turn], sp.pad, sp.im_end),
@@ -302,8 +331,24 @@ def _seeds(base: int, n: int, offset: int) -> list[int]:
   return [int(x) for x in np.random.SeedSequence([base, offset]).generate_state(n, dtype=np.uint32)]
 
 
+def kind_weights(mix: Sequence[float]) -> np.ndarray:
+  """`PretrainConfig.mix` -> probabilities over `RowKind` (missing last weights are 0)."""
+  n = len(RowKind)
+  if not 1 <= len(mix) <= n or min(mix) < 0 or sum(mix) <= 0:
+    raise ValueError(f"mix={tuple(mix)}: up to {n} weights >= 0 ({', '.join(RowKind)}), not all 0")
+  p = np.asarray(tuple(mix) + (0.0,) * (n - len(mix)), np.float64)
+  return p / p.sum()
+
+
+def draw_kind(rng: np.random.Generator, p: np.ndarray) -> RowKind:
+  """One step's row kind. Zero weights at the end leave the other kinds' draws as they were (the same
+  cdf), so the committed base's 3-weight stages draw what they drew before the list rows existed."""
+  return list(RowKind)[int(rng.choice(len(p), p=p))]
+
+
 def run(cfg: PretrainConfig, out_dir: str) -> dict[str, Any]:
   """Trains the base from scratch into `out_dir` (tokenizer/, metrics.jsonl, hf/); returns the last eval."""
+  p = kind_weights(cfg.mix)
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   tok_dir = os.path.join(out_dir, "tokenizer")
@@ -328,12 +373,11 @@ def run(cfg: PretrainConfig, out_dir: str) -> dict[str, Any]:
   trainer = sft.SFTTrainer(model, tx)
   eval_fn = jax.jit(lambda p, b: sft.sft_loss(nnx.merge(trainer.graphdef, p), b, 1024))
   rng = np.random.default_rng([cfg.seed, 7])
-  p = np.asarray(cfg.mix, np.float64)
   writer = metrics_lib.MetricsWriter(out_dir, total_steps=cfg.steps, tensorboard=False)
   t0, last = time.perf_counter(), {}
   try:
     for step in range(1, cfg.steps + 1):
-      kind = kinds[int(rng.choice(3, p=p / p.sum()))]
+      kind = draw_kind(rng, p)
       rows = build_rows(kind, _seeds(cfg.seed, cfg.batch_size, step), tokenizer, model_cfg, cfg)
       m = trainer.step(to_batch(rows, kind, model_cfg, cfg, pad))
       scalars = {f"pretrain/{kind}_loss": m["loss"], "pretrain/grad_norm": m["grad_norm"]}
@@ -360,7 +404,7 @@ class Stage:
 
   steps: int
   num_objects: int
-  mix: tuple[float, float, float]
+  mix: tuple[float, ...]
   learning_rate: float
   seed: int = 0
   eval_every: int = 100
@@ -431,7 +475,7 @@ if __name__ == "__main__":
   _SEED = flags.DEFINE_integer("seed", PretrainConfig.seed, "Init and data seed.")
   _INIT_DIR = flags.DEFINE_string("init_dir", "", "Continue from this base (HF folder) instead of a random init.")
   _LR = flags.DEFINE_float("learning_rate", PretrainConfig.learning_rate, "Peak learning rate.")
-  _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format steps.")
+  _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format, list steps (a missing last one is 0).")
   _EVAL_EVERY = flags.DEFINE_integer("eval_every", PretrainConfig.eval_every, "Held-out NLLs every this many steps.")
   _RING = flags.DEFINE_integer("ring", PretrainConfig.scene.ring, "Squares as frames of this width (0: solid).")
   _NUM_OBJECTS = flags.DEFINE_integer("num_objects", PretrainConfig.scene.num_objects, "Squares per scene.")

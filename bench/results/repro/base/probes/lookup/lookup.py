@@ -5,7 +5,12 @@ Tasks (rows built like pretrain's, through the rollout engine's real prompt):
   name   "What color is the square at [x1, y1, x2, y2]? Give its box as JSON." -> "<c>"  (position -> colour)
 Metric (no decoding): lookup accuracy = over held-out scenes, the share where the target square's box
 has the lowest teacher-forced NLL among all squares' boxes (chance 1/N). name accuracy likewise over colours.
-env: INIT, N (squares), STEPS, LR, MIX (share of refer rows), EVAL, OUT, SEED
+  list   "List the squares." -> "The squares: red [x1, y1, x2, y2], green [...]." (colours in a fixed order);
+         with LIST_TIGHT=1 "The squares: red056,084,092,120; green..." (the colour token directly followed by
+         its box, so the lookup at the colour token is what predicts the next token)
+list metric: the true list vs the list with the boxes rotated by one square (chance 1/2).
+env: INIT, N (squares), STEPS, LR, W (weights of refer,name,list rows; default 1,1,0), EVAL, NEV, OUT, SEED,
+     SAVE (export the trained model), LABEL_FIRST=1 (refer answers as [{"label": ..., "bbox_2d": ...}])
 """
 import dataclasses, json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
@@ -21,12 +26,23 @@ from mgpo_jax.rollout import trajectory as traj_lib
 
 E = os.environ
 INIT = E.get("INIT", "/work/run17/cur1/hf"); N = int(E.get("N", 2)); STEPS = int(E.get("STEPS", 400))
-LR = float(E.get("LR", 1e-3)); MIX = float(E.get("MIX", 0.5)); EVAL = int(E.get("EVAL", 100)); OUT = E.get("OUT", "/tmp/lk.jsonl")
-SEED = int(E.get("SEED", 0)); BS = int(E.get("BS", 32)); HEADS_ONLY = E.get("FREEZE", "")
+LR = float(E.get("LR", 1e-3)); WTS = [float(v) for v in E.get("W", "1,1,0").split(",")]; EVAL = int(E.get("EVAL", 100)); OUT = E.get("OUT", "/tmp/lk.jsonl")
+SEED = int(E.get("SEED", 0)); LABEL_FIRST = E.get("LABEL_FIRST", "") == "1"; BS = int(E.get("BS", 32)); HEADS_ONLY = E.get("FREEZE", "")
 cfg = dataclasses.replace(P.PretrainConfig(), scene=dataclasses.replace(P.PretrainConfig.scene, num_objects=N))
 tok = tok_lib.load_tokenizer(INIT); model = params_lib.from_pretrained(INIT); mcfg = model.cfg
 sp = special_token_ids(tok)
 rcfg = dataclasses.replace(cfg.rollout(engine_lib.RolloutMode.SINGLE_TURN), prompts=P.refer_prompts(cfg.prompt_style))
+def box_text(box, label):
+  if not LABEL_FIRST: return P.box_text(box, label)
+  return f'```json\n[{{"label": "{label}", "bbox_2d": [{", ".join(str(int(v)) for v in box)}]}}]\n```'
+LIST_Q = "List the squares."
+COLS = list(scenes.COLORS)
+def list_text(objs, boxes=None):
+  order = sorted(range(len(objs)), key=lambda i: COLS.index(objs[i].color))
+  boxes = boxes or [o.box_in for o in objs]
+  if E.get("LIST_TIGHT") == "1":  # the colour word directly followed by its box: the lookup at the colour token is first-order
+    return "The squares: " + "; ".join(objs[i].color + ",".join(f"{int(v):03d}" for v in boxes[i]) for i in order) + "."
+  return "The squares: " + ", ".join(f"{objs[i].color} [{', '.join(str(int(v)) for v in boxes[i])}]" for i in order) + "."
 NAME_Q = "What color is the square at [{}, {}, {}, {}]?"
 
 def rows_for(specs):
@@ -46,19 +62,25 @@ def scene(seed):
 def spec(kind, img, objs, k, ans_idx=None):
   t = objs[k]; a = objs[k if ans_idx is None else ans_idx]
   if kind == "refer":
-    return (img, P.REFER_QUESTION.format(color=t.color), P.box_text(a.box_in, f"{t.color} square"))  # label: the asked colour, only the box differs
+    return (img, P.REFER_QUESTION.format(color=t.color), box_text(a.box_in, f"{t.color} square"))  # label: the asked colour, only the box differs
+  if kind == "list":
+    return (img, LIST_Q, list_text(objs))
   return (img, NAME_Q.format(*t.box_in), a.color)
 
 # held-out: per scene, one row per candidate answer
 ev_seeds = P._seeds(99, int(E.get("NEV", 64)), 5)
 ev = {}
-for kind in ("refer", "name"):
+for kind in ("refer", "name", "list"):
   specs, meta = [], []
   for s in ev_seeds:
     img, objs, k = scene(s)
     if kind == "refer":
       for j in range(N): specs.append(spec(kind, img, objs, k, j))
       meta.append((N, k))
+    elif kind == "list":  # candidates: the true list, and the list with boxes rotated by one square
+      bx = [o.box_in for o in objs]
+      specs.append((img, LIST_Q, list_text(objs))); specs.append((img, LIST_Q, list_text(objs, bx[1:] + bx[:1])))
+      meta.append((2, 0))
     else:  # name: candidates = the N colours present
       for j in range(N): specs.append((img, NAME_Q.format(*objs[k].box_in), objs[j].color))
       meta.append((N, k))
@@ -88,7 +110,7 @@ def evaluate(step, extra):
 rng = np.random.default_rng([SEED, 11]); t0 = time.time()
 evaluate(0, {})
 for step in range(1, STEPS + 1):
-  kind = "refer" if rng.random() < MIX else "name"
+  kind = ["refer", "name", "list"][int(rng.choice(3, p=np.asarray(WTS) / sum(WTS)))]
   specs = []
   for s in P._seeds(SEED + 1000, BS, step):
     img, objs, k = scene(s)
