@@ -122,12 +122,18 @@ def _text(tok, tr, k):
   return tok.decode(tr.turn_tokens(k).tolist()[:-1])  # without the closing <|im_end|>
 
 
-def test_refer_rows_answer_the_named_squares_box(env):
+def _rows_and_scenes(env, kind, n):
+  """(row, the scene's squares, the asked square's index) of `n` rows of `kind`, seeds 0..n-1."""
   tok, model_cfg = env
-  seeds = list(range(6))
-  rows = pretrain.build_rows(pretrain.RowKind.REFER, seeds, tok, model_cfg, CFG)
-  for seed, tr in zip(seeds, rows):
+  rows = pretrain.build_rows(kind, list(range(n)), tok, model_cfg, CFG)
+  for seed, tr in zip(range(n), rows):
     _, objects, k, _ = pretrain._decoded(seed, CFG)  # pylint: disable=protected-access
+    yield tr, objects, k
+
+
+def test_refer_rows_answer_the_named_squares_box(env):
+  tok, _ = env
+  for tr, objects, k in _rows_and_scenes(env, pretrain.RowKind.REFER, 6):
     t = objects[k]
     assert _text(tok, tr, 0) == pretrain.box_text(t.box_in, f"{t.color} square")
     prompt = tok.decode(tr.token_ids[:tr.turn_spans[0][0]].tolist())
@@ -136,11 +142,8 @@ def test_refer_rows_answer_the_named_squares_box(env):
 
 
 def test_list_rows_put_each_colour_word_right_before_its_squares_box(env):
-  tok, model_cfg = env
-  seeds = list(range(4))
-  rows = pretrain.build_rows(pretrain.RowKind.LIST, seeds, tok, model_cfg, CFG)
-  for seed, tr in zip(seeds, rows):
-    _, objects, _, _ = pretrain._decoded(seed, CFG)  # pylint: disable=protected-access
+  tok, _ = env
+  for tr, objects, _ in _rows_and_scenes(env, pretrain.RowKind.LIST, 4):
     text = _text(tok, tr, 0)
     assert text == pretrain.list_text(objects)
     for o in objects:  # the colour word, then its box: the next token after the colour is a digit of it

@@ -84,6 +84,10 @@ class RowKind(enum.StrEnum):
   LIST = "list"
 
 
+# The grounding rows' requests (their prompt: `refer_prompts`); the other kinds use the RL prompt.
+_REQUESTS = {RowKind.REFER: REFER_REQUEST, RowKind.LIST: LIST_REQUEST}
+
+
 @dataclasses.dataclass(frozen=True)
 class Bucket:
   seq: int
@@ -154,7 +158,8 @@ class PretrainConfig:
 
 
 def refer_prompts(style: str, request: str = REFER_REQUEST) -> prompts_lib.PromptConfig:
-  """The referring task's single-turn prompt: system, image, "Where is the <colour> square?", request."""
+  """The single-turn prompt of the grounding rows: system, image, the question as is ("Where is the <colour>
+  square?", "List the squares."), then `request`."""
   return dataclasses.replace(prompts_lib.prompt_style(style), question_template="{question}",
                              answer_format_open=request)
 
@@ -298,9 +303,8 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
 
   single = kind != RowKind.FORMAT
   rollout_cfg = cfg.rollout(engine_lib.RolloutMode.SINGLE_TURN if single else engine_lib.RolloutMode.MGPO)
-  if kind in (RowKind.REFER, RowKind.LIST):
-    request = REFER_REQUEST if kind == RowKind.REFER else LIST_REQUEST
-    rollout_cfg = dataclasses.replace(rollout_cfg, prompts=refer_prompts(cfg.prompt_style, request))
+  if kind in _REQUESTS:
+    rollout_cfg = dataclasses.replace(rollout_cfg, prompts=refer_prompts(cfg.prompt_style, _REQUESTS[kind]))
   sp = special_token_ids(tokenizer)
   engine = engine_lib.RolloutEngine(
       ScriptedSampler(model_cfg, tokenizer, lambda r, turn: script_texts[r][turn], sp.pad, sp.im_end),

@@ -40,8 +40,8 @@ COLS = list(scenes.COLORS)
 def list_text(objs, boxes=None):
   order = sorted(range(len(objs)), key=lambda i: COLS.index(objs[i].color))
   boxes = boxes or [o.box_in for o in objs]
-  if E.get("LIST_TIGHT") == "1":  # the colour word directly followed by its box: the lookup at the colour token is first-order
-    return "The squares: " + "; ".join(objs[i].color + ",".join(f"{int(v):03d}" for v in boxes[i]) for i in order) + "."
+  if E.get("LIST_TIGHT") == "1":  # the colour word directly followed by its box: pretrain's list rows
+    return P.list_text([dataclasses.replace(o, box_in=tuple(b)) for o, b in zip(objs, boxes)])
   return "The squares: " + ", ".join(f"{objs[i].color} [{', '.join(str(int(v)) for v in boxes[i])}]" for i in order) + "."
 NAME_Q = "What color is the square at [{}, {}, {}, {}]?"
 
