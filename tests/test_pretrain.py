@@ -20,6 +20,7 @@ from mgpo_jax.models.qwen2_5_vl.chat import special_token_ids
 from mgpo_jax.models.qwen2_5_vl.preprocess import ImageProcessorConfig, preprocess_image
 from mgpo_jax.repro import gates, pretrain
 from mgpo_jax.rollout import engine
+from mgpo_jax.rollout import parse as parse_lib
 
 SCENE = scenes.SceneConfig(input_side=112, num_objects=3, object_side=30, dot_side=2, jitter=2)
 CFG = pretrain.PretrainConfig(
@@ -159,6 +160,33 @@ def test_list_rows_put_each_colour_word_right_before_its_squares_box(env):
     assert len(tr.images) == 1 and tr.num_turns == 1 and tr.turn_mask[slice(*tr.turn_spans[0])].all()
 
 
+@pytest.mark.parametrize("kind", [pretrain.RowKind.REFER, pretrain.RowKind.FORMAT])
+def test_named_boxes_name_the_boxed_square_then_give_the_parsed_json(env, kind):
+  """With `named_boxes` a grounding answer starts with its square's list entry (colour word, then that
+  square's box) and the parser still reads the same box from the fenced JSON after it."""
+  tok, model_cfg = env
+  named = dataclasses.replace(CFG, named_boxes=True)
+  plain = pretrain.build_rows(kind, list(range(6)), tok, model_cfg, CFG)
+  rows = pretrain.build_rows(kind, list(range(6)), tok, model_cfg, named)
+  for seed, tr, old in zip(range(6), rows, plain):
+    _, objects, k, _ = pretrain._decoded(seed, CFG)  # pylint: disable=protected-access
+    text, old_text = _text(tok, tr, 0), _text(tok, old, 0)
+    box = parse_lib.parse_bbox(text, SCENE.input_side, SCENE.input_side).box
+    assert box == parse_lib.parse_bbox(old_text, SCENE.input_side, SCENE.input_side).box  # same square boxed
+    (boxed,) = [o for o in objects if tuple(o.box_in) == box]
+    if kind == pretrain.RowKind.REFER:
+      assert boxed is objects[k]
+    assert text == f"The square: {pretrain.entry_text(boxed)}.\n{old_text}"
+    ids = tr.turn_tokens(0).tolist()
+    colour = tok.encode(" " + boxed.color, add_special_tokens=False)[0]
+    assert tok.decode([ids[ids.index(colour) + 1]]).isdigit()
+    # Everything else (the prompt, the answer turn and its mask) is unchanged.
+    assert tr.token_ids[:tr.turn_spans[0][0]].tolist() == old.token_ids[:old.turn_spans[0][0]].tolist()
+    if kind == pretrain.RowKind.FORMAT:
+      assert _text(tok, tr, 1) == _text(tok, old, 1)
+      assert tr.turn_mask[slice(*tr.turn_spans[1])].sum() == old.turn_mask[slice(*old.turn_spans[1])].sum()
+
+
 def test_a_zero_list_weight_keeps_the_recipes_draws():
   """The committed base's stages give 3 weights; the 4th kind (list) must not change which kinds they drew
   (the draws before the list rows existed: `rng.choice(3, p=mix)`)."""
@@ -295,11 +323,18 @@ def test_reduced_recipe_writes_a_base_that_loads_and_is_measured(tmp_path):
     assert a.read() == b.read()
 
 
-def test_curriculum_chains_stages_and_resumes(tmp_path):
+def test_curriculum_chains_stages_and_resumes(tmp_path, monkeypatch):
   stages = (pretrain.Stage(steps=2, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=1e-3, eval_every=2),
-            pretrain.Stage(steps=2, num_objects=3, mix=(0.0, 0.0, 1.0), learning_rate=1e-3, seed=5, eval_every=2))
+            pretrain.Stage(steps=2, num_objects=3, mix=(0.0, 0.0, 1.0), learning_rate=1e-3, seed=5, eval_every=2,
+                           named_boxes=True))
   out = str(tmp_path / "cur")
+  seen, build_rows = set(), pretrain.build_rows
+  def recording(kind, seeds, tokenizer, model_cfg, cfg):
+    seen.add((cfg.scene.num_objects, cfg.named_boxes))
+    return build_rows(kind, seeds, tokenizer, model_cfg, cfg)
+  monkeypatch.setattr(pretrain, "build_rows", recording)
   pretrain.run_curriculum(CFG, out, stages)
+  assert seen == {(1, False), (3, True)}  # each stage's fields reach its rows
   rows = {}
   for k in (1, 2):
     with open(os.path.join(out, f"stage{k}", "metrics.jsonl")) as f:

@@ -27,7 +27,7 @@ def _reduced_config(base_dir):
   c.data.batch_size = 2
   c.rollout.num_generations = 2
   c.rollout.prompt_buckets = (192, 256)
-  c.rollout.seq_buckets = (384, 512)
+  c.rollout.seq_buckets = (384, 640)  # a 64-token turn 1 (the named box) and a crop can pass 512
   c.rollout.patch_buckets = (72, 144)
   c.rl.mini_batch_size = 2
   c.rl.micro_batch_size = 2

@@ -49,10 +49,10 @@ def get_config():
 
   r = c.rollout
   r.num_generations = 8
-  r.max_new_tokens = 40  # the JSON box is ~25 tokens, the answer 5
+  r.max_new_tokens = 64  # the named box ("The square: red056,084,092,120." then its JSON) is ~51 tokens
   r.prompt_style = "short"
   r.prompt_buckets = (128, 192)
-  r.seq_buckets = (192, 384, 512)
+  r.seq_buckets = (192, 384, 512, 640)  # 640: a long turn 1 plus a tall crop can pass 512
   # A square box's crop is 224 x 224 (256 patches); a box of another shape can give up to ~300.
   r.patch_buckets = (288, 640)
 

@@ -43,7 +43,7 @@ def iou(a, b) -> float:
 
 
 def sampler_config(cfg: pretrain.PretrainConfig) -> sampling.SamplerConfig:
-  return sampling.SamplerConfig(prompt_buckets=(128, 192, 256), new_token_buckets=(48,),
+  return sampling.SamplerConfig(prompt_buckets=(128, 192, 256), new_token_buckets=(64,),
                                 patch_buckets=(256, 512), cache_buckets=(256, 512))
 
 
@@ -51,7 +51,7 @@ def measure(model, tokenizer, cfg: pretrain.PretrainConfig, num: int = 96, seed:
             batch: int = 32) -> dict[str, Any]:
   """The gates' values on `num` held-out scenes (drawn from `seed`)."""
   sampler = sampling.Sampler(model, sampler_config(cfg), tokenizer)
-  greedy = dict(temperature=0.0, max_new_tokens=48)
+  greedy = dict(temperature=0.0, max_new_tokens=64)
   modes = engine_lib.RolloutMode
   engines = {
       "refer": dataclasses.replace(cfg.rollout(modes.SINGLE_TURN), prompts=pretrain.refer_prompts(cfg.prompt_style),

@@ -17,11 +17,17 @@ RL teaches it to box the region the *question* needs. The stand-in base learns, 
              of that colour is what lowers the loss at once (a first-order signal). Referring needs that
              lookup, and the refer rows alone never taught it: bench/results/repro/base/probes/lookup/
 
+With `named_boxes` (the committed base's last stages) a grounding answer (refer, and format's turn 1) first
+names its square the list's way, then gives the JSON: "The square: red056,084,092,120.\n```json ...".
+The box digits then follow the colour word, so the lookup the list rows teach is the one the box needs;
+a bare JSON box must carry the colour from the question ~20 tokens on, which this model never learned.
+
 So no row ever pairs the RL question with the box of the square it asks about: at RL step 0 the base
 boxes a random square in MGPO's turn 1 (target-hit ~1/num_objects), and only the answer reward can
 teach it to box the asked one. Each step trains one kind (drawn by `mix`), so each kind keeps its own
 short buckets. The committed base is a curriculum of such runs (`CURRICULUM`, `run_curriculum`): refer
-rows on one square, then two, then four, then all three kinds on four squares. Held-out teacher-forced
+rows on one square, then two, then four, then all three kinds on four squares, then list rows, then all
+four kinds with named boxes. Held-out teacher-forced
 NLLs are logged every `eval_every` steps (the refer box against ln(#lattice cells), the image-blind
 value), and the gates (`gates.py`) are measured at the end.
 
@@ -109,6 +115,8 @@ class PretrainConfig:
   # is 0: the committed base's recipe predates the list rows).
   mix: tuple[float, ...] = (0.35, 0.35, 0.3)
   close_up_jitter: int = 6            # input px a close-up box is off its square (a model's box error)
+  # Grounding answers (refer, format turn 1) name their square first: `grounding_text`.
+  named_boxes: bool = False
   seed: int = 0
   eval_every: int = 100
   num_eval: int = 64
@@ -189,11 +197,26 @@ def box_text(box: Sequence[int], label: str) -> str:
   return f'```json\n[{{"bbox_2d": [{", ".join(str(int(v)) for v in box)}], "label": "{label}"}}]\n```'
 
 
+def entry_text(obj: scenes.SceneObject) -> str:
+  """A square as its colour word directly followed by its box (input pixels, 3 digits each):
+  "red056,084,092,120"."""
+  return obj.color + ",".join(f"{int(v):03d}" for v in obj.box_in)
+
+
 def list_text(objects: Sequence[scenes.SceneObject]) -> str:
-  """Every square as its colour word directly followed by its box (input pixels, 3 digits each), in the
-  order of `scenes.COLORS`: "The squares: red056,084,092,120; green007,121,043,157."."""
+  """Every square's `entry_text`, in the order of `scenes.COLORS`:
+  "The squares: red056,084,092,120; green007,121,043,157."."""
   order = sorted(objects, key=lambda o: list(scenes.COLORS).index(o.color))
-  return "The squares: " + "; ".join(o.color + ",".join(f"{int(v):03d}" for v in o.box_in) for o in order) + "."
+  return "The squares: " + "; ".join(entry_text(o) for o in order) + "."
+
+
+def grounding_text(obj: scenes.SceneObject, label: str, named: bool) -> str:
+  """A grounding answer: `box_text` of `obj`; with `named`, first the square's list entry on a line of its
+  own ("The square: red056,084,092,120.\n```json ..."). The parser reads the fenced block after it. Why:
+  the colour word directly followed by its box is the one-hop lookup the list rows teach; the bare JSON
+  must carry the colour from the question to the box ~20 tokens on, which this model never learned."""
+  box = box_text(obj.box_in, label)
+  return f"The square: {entry_text(obj)}.\n{box}" if named else box
 
 
 def answer_text(letter: str) -> str:
@@ -280,7 +303,7 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
     if kind == RowKind.REFER:
       samples.append({"id": f"refer-{seed}", "question": REFER_QUESTION.format(color=target.color),
                       "choices": None, "answer": "A", "image": img})
-      script_texts.append([box_text(target.box_in, f"{target.color} square")])
+      script_texts.append([grounding_text(target, f"{target.color} square", cfg.named_boxes)])
       train_answer.append(True)
       continue
     if kind == RowKind.LIST:
@@ -297,7 +320,7 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
       train_answer.append(True)
     else:
       j = int(rng.integers(len(objects)))
-      script_texts.append([box_text(objects[j].box_in, BOX_LABEL), answer_text(letter)])
+      script_texts.append([grounding_text(objects[j], BOX_LABEL, cfg.named_boxes), answer_text(letter)])
       train_answer.append(j == k)
     samples.append(sample)
 
@@ -412,18 +435,31 @@ class Stage:
   learning_rate: float
   seed: int = 0
   eval_every: int = 100
+  named_boxes: bool = False
 
 
 # The recipe of the committed base. A flat mix on four squares never learned to box even a square
 # (bench/results/repro/base/probes): one square first teaches where (the position code -> digits), more
-# squares and the mixed last stages keep that on four. Which square the colour word names is still not
-# learned (refer IoU >= 0.5 at chance, 24%: bench/results/repro/base/refer_per_colour.json, README).
+# squares and the mixed stages keep that on four (stages 1-5: boxes on some square 99%, on the named one at
+# chance). The list rows then teach the colour -> square lookup (stage 6), and from stage 7 on the grounding
+# answers name their square first (`named_boxes`), so the box is read right after the colour word: the
+# referring box went from chance (17% IoU >= 0.5) to 100% over stages 7-10
+# (bench/results/repro/base/probes/named/).
 CURRICULUM: tuple[Stage, ...] = (
     Stage(steps=800, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=2e-3, eval_every=200),
     Stage(steps=500, num_objects=2, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
     Stage(steps=500, num_objects=4, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
     Stage(steps=1500, num_objects=4, mix=(0.6, 0.2, 0.2), learning_rate=1e-3, seed=3, eval_every=250),
     Stage(steps=1800, num_objects=4, mix=(0.7, 0.15, 0.15), learning_rate=1.5e-3, seed=4, eval_every=300),
+    Stage(steps=600, num_objects=4, mix=(0.45, 0.05, 0.05, 0.45), learning_rate=1e-3, seed=6, eval_every=200),
+    Stage(steps=600, num_objects=4, mix=(0.35, 0.1, 0.2, 0.35), learning_rate=1e-3, seed=7, eval_every=200,
+          named_boxes=True),
+    Stage(steps=600, num_objects=4, mix=(0.45, 0.05, 0.1, 0.4), learning_rate=1e-3, seed=8, eval_every=300,
+          named_boxes=True),
+    Stage(steps=600, num_objects=4, mix=(0.45, 0.05, 0.1, 0.4), learning_rate=1e-3, seed=9, eval_every=300,
+          named_boxes=True),
+    Stage(steps=900, num_objects=4, mix=(0.4, 0.05, 0.2, 0.35), learning_rate=1e-3, seed=10, eval_every=300,
+          named_boxes=True),
 )
 
 
@@ -438,7 +474,7 @@ def run_curriculum(cfg: PretrainConfig, out_dir: str, stages: Sequence[Stage] = 
       logger.info("stage %d/%d: %s", k, len(stages), st)
       last = run(dataclasses.replace(
           cfg, steps=st.steps, mix=st.mix, learning_rate=st.learning_rate, seed=st.seed, init_dir=init,
-          eval_every=st.eval_every, warmup_steps=min(cfg.warmup_steps, st.steps - 1),
+          eval_every=st.eval_every, named_boxes=st.named_boxes, warmup_steps=min(cfg.warmup_steps, st.steps - 1),
           scene=dataclasses.replace(cfg.scene, num_objects=st.num_objects)), stage_dir)
     init = os.path.join(stage_dir, "hf")
   shutil.copytree(init, os.path.join(out_dir, "hf"), dirs_exist_ok=True)
@@ -451,7 +487,7 @@ def main(argv: Sequence[str]) -> None:
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  one_stage = ("steps", "seed", "init_dir", "learning_rate", "mix", "num_objects")
+  one_stage = ("steps", "seed", "init_dir", "learning_rate", "mix", "num_objects", "named_boxes")
   if _CURRICULUM.value:
     given = [f"--{n}" for n in one_stage if flags.FLAGS[n].present]
     if given:
@@ -464,7 +500,7 @@ def main(argv: Sequence[str]) -> None:
                             init_dir=_INIT_DIR.value, learning_rate=_LR.value,
                             warmup_steps=min(PretrainConfig.warmup_steps, _STEPS.value - 1),
                             mix=tuple(float(x) for x in _MIX.value),
-                            eval_every=_EVAL_EVERY.value,
+                            eval_every=_EVAL_EVERY.value, named_boxes=_NAMED.value,
                             scene=dataclasses.replace(PretrainConfig.scene, ring=_RING.value,
                                                       num_objects=_NUM_OBJECTS.value))
   print(json.dumps(run(cfg, _OUT.value), indent=1))
@@ -481,6 +517,8 @@ if __name__ == "__main__":
   _LR = flags.DEFINE_float("learning_rate", PretrainConfig.learning_rate, "Peak learning rate.")
   _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format, list steps (a missing last one is 0).")
   _EVAL_EVERY = flags.DEFINE_integer("eval_every", PretrainConfig.eval_every, "Held-out NLLs every this many steps.")
+  _NAMED = flags.DEFINE_bool("named_boxes", PretrainConfig.named_boxes, "Grounding answers name their "
+                             "square first (its colour and box, as in the list rows), then the JSON.")
   _RING = flags.DEFINE_integer("ring", PretrainConfig.scene.ring, "Squares as frames of this width (0: solid).")
   _NUM_OBJECTS = flags.DEFINE_integer("num_objects", PretrainConfig.scene.num_objects, "Squares per scene.")
   app.run(main)
