@@ -403,6 +403,10 @@ def test_learner_and_optimizer_settings():
   assert cs.optim_config(c).total_steps == (5 + 10) * 4
   c.optim.grad_clip_norm = 0.0
   assert cs.optim_config(c).grad_clip_norm is None
+  # rl.ppo_epochs passes over each rollout batch: the learner runs them and the schedule counts them.
+  assert learner.num_epochs == 1
+  c.rl.ppo_epochs = 3
+  assert cs.learner_config(c).num_epochs == 3 and cs.optim_config(c).warmup_steps == 5 * 4 * 3
 
 
 def test_rollout_and_sampler_settings():

@@ -186,6 +186,21 @@ def test_update_applies_adamw_and_keeps_finite(learner, setup):
   assert np.mean(after != before) > 0.5
 
 
+def test_epochs_repeat_the_updates_against_the_rollout_policy(setup):
+  """num_epochs=2: twice the updates; the second pass is off-policy (its ratios are against the log-probs
+  recomputed once, before the first update), so its approx KL is > 0 where the first update's is 0."""
+  params, ref, batch, _ = setup
+  cfg = dataclasses.replace(LCFG, num_epochs=2, old_logp=OldLogpSource.RECOMPUTE)
+  two = Learner(cfg, CFG, shd.make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = two.init(nnx.merge(two.graphdef, jax.tree.map(jnp.copy, params)))
+  state, metrics = two.train_on_rollout(state, ref, batch)
+  assert int(state.step) == 4 and len(metrics) == 4
+  kl = [float(m["approx_kl"]) for m in metrics]
+  assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[2] > 1e-6, kl
+  with pytest.raises(ValueError, match="num_epochs"):
+    LearnerConfig(num_epochs=0)
+
+
 def test_bf16_policy_keeps_f32_master_and_moments(learner, setup):
   params, ref, _, _ = setup
   # Text only (a cheaper compile); loss against the float64 reference of the f32 models.

@@ -100,6 +100,7 @@ def learner_config(config: Any) -> learner.LearnerConfig:
       optim=optim_config(config),
       micro_batch_size=r.micro_batch_size * config.rollout.num_generations,
       num_mini_batches=config.data.batch_size // r.mini_batch_size,
+      num_epochs=r.ppo_epochs,
       logprob_chunk_size=r.logprob_chunk_size,
       remat=config.model.remat,
       old_logp=r.old_logp,

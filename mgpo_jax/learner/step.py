@@ -95,6 +95,8 @@ class LearnerConfig:
     optim: `OptimConfig` (AdamW, clipping, schedule); one optimizer step per mini-batch.
     micro_batch_size: rows per micro-batch over all devices (a multiple of data*fsdp).
     num_mini_batches: optimizer updates per rollout batch (one epoch); paper: 512x8 rows / 128x8.
+    num_epochs: passes over each rollout batch (verl's ppo_epochs); every pass's ratios are against the
+      rollout policy's log-probs, so passes after the first are off-policy and the clip bounds them.
     logprob_chunk_size: sequence positions per chunk of the vocabulary projection.
     remat: recompute each decoder layer in the backward pass.
     old_logp: `OldLogpSource`.
@@ -111,6 +113,7 @@ class LearnerConfig:
   optim: OptimConfig = OptimConfig()
   micro_batch_size: int = 8
   num_mini_batches: int = 4
+  num_epochs: int = 1
   logprob_chunk_size: int = 1024
   remat: bool = True
   old_logp: OldLogpSource = OldLogpSource.RECOMPUTE
@@ -127,7 +130,7 @@ class LearnerConfig:
         except ValueError:
           raise ValueError(f"{field}={value!r} is not one of {[e.value for e in enum_cls]}.") from None
     get_advantage_fn(self.advantage_estimator)  # raises ValueError naming the registered ones
-    for field in ("micro_batch_size", "num_mini_batches", "logprob_chunk_size"):
+    for field in ("micro_batch_size", "num_mini_batches", "num_epochs", "logprob_chunk_size"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{field} must be a positive int, got {value!r}.")
@@ -408,8 +411,9 @@ class Learner:
 
   def train_on_rollout(self, state: TrainState, ref_params: nnx.State, batch: TrainBatch
                        ) -> tuple[TrainState, list[dict[str, jax.Array]]]:
-    """All `num_mini_batches` updates of one rollout batch (one epoch). Dispatches asynchronously:
-    the returned metrics are device scalars; pull them after dispatching the next work."""
+    """All `num_epochs` x `num_mini_batches` updates of one rollout batch. Dispatches asynchronously:
+    the returned metrics (one dict per update) are device scalars; pull them after dispatching the next
+    work."""
     minis = self.split_rollout(batch)
     if self.cfg.old_logp is OldLogpSource.RECOMPUTE:
       # All before the first update: every mini-batch's ratio is against the rollout policy.
@@ -420,9 +424,10 @@ class Learner:
     rewards_R = put(batch.rewards_B, np.float32)
     group_ids_R = put(batch.group_ids_B, np.int32)
     metrics = []
-    for m, mini in enumerate(minis):
-      state, met = self.update(state, ref_params, mini, rewards_R, group_ids_R, m)
-      metrics.append(met)
+    for _ in range(self.cfg.num_epochs):
+      for m, mini in enumerate(minis):
+        state, met = self.update(state, ref_params, mini, rewards_R, group_ids_R, m)
+        metrics.append(met)
     return state, metrics
 
   # ---------------------------------------------------------------- jitted bodies
