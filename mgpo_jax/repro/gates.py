@@ -42,8 +42,13 @@ def iou(a, b) -> float:
   return inter / union if union > 0 else 0.0
 
 
+# Greedy answer length of every gate: a named box ("The square: red056,084,092,120." then its JSON) is
+# ~51 tokens. Also the sampler's only new-token bucket, so no call compiles a second length.
+MAX_NEW_TOKENS = 64
+
+
 def sampler_config(cfg: pretrain.PretrainConfig) -> sampling.SamplerConfig:
-  return sampling.SamplerConfig(prompt_buckets=(128, 192, 256), new_token_buckets=(64,),
+  return sampling.SamplerConfig(prompt_buckets=(128, 192, 256), new_token_buckets=(MAX_NEW_TOKENS,),
                                 patch_buckets=(256, 512), cache_buckets=(256, 512))
 
 
@@ -51,7 +56,7 @@ def measure(model, tokenizer, cfg: pretrain.PretrainConfig, num: int = 96, seed:
             batch: int = 32) -> dict[str, Any]:
   """The gates' values on `num` held-out scenes (drawn from `seed`)."""
   sampler = sampling.Sampler(model, sampler_config(cfg), tokenizer)
-  greedy = dict(temperature=0.0, max_new_tokens=64)
+  greedy = dict(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
   modes = engine_lib.RolloutMode
   engines = {
       "refer": dataclasses.replace(cfg.rollout(modes.SINGLE_TURN), prompts=pretrain.refer_prompts(cfg.prompt_style),

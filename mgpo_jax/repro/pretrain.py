@@ -474,7 +474,8 @@ def run_curriculum(cfg: PretrainConfig, out_dir: str, stages: Sequence[Stage] = 
       logger.info("stage %d/%d: %s", k, len(stages), st)
       last = run(dataclasses.replace(
           cfg, steps=st.steps, mix=st.mix, learning_rate=st.learning_rate, seed=st.seed, init_dir=init,
-          eval_every=st.eval_every, named_boxes=st.named_boxes, warmup_steps=min(cfg.warmup_steps, st.steps - 1),
+          eval_every=st.eval_every, named_boxes=st.named_boxes,
+          warmup_steps=min(cfg.warmup_steps, st.steps - 1),
           scene=dataclasses.replace(cfg.scene, num_objects=st.num_objects)), stage_dir)
     init = os.path.join(stage_dir, "hf")
   shutil.copytree(init, os.path.join(out_dir, "hf"), dirs_exist_ok=True)
