@@ -25,7 +25,8 @@ from mgpo_jax.rollout import parse as parse_lib
 SCENE = scenes.SceneConfig(input_side=112, num_objects=3, object_side=30, dot_side=2, jitter=2)
 CFG = pretrain.PretrainConfig(
     steps=8, batch_size=4, warmup_steps=2, eval_every=4, num_eval=4, vocab_size=400, scene=SCENE,
-    buckets=(pretrain.Bucket(160, 64), pretrain.Bucket(160, 64), pretrain.Bucket(320, 128), pretrain.Bucket(160, 64)),
+    buckets=(pretrain.Bucket(160, 64), pretrain.Bucket(160, 64), pretrain.Bucket(320, 128), pretrain.Bucket(160, 64),
+             pretrain.Bucket(320, 128)),
     hidden_size=64, num_layers=1, num_heads=2, vision_hidden_size=16, vision_depth=1)
 
 
@@ -187,17 +188,18 @@ def test_named_boxes_name_the_boxed_square_then_give_the_parsed_json(env, kind):
       assert tr.turn_mask[slice(*tr.turn_spans[1])].sum() == old.turn_mask[slice(*old.turn_spans[1])].sum()
 
 
-def test_a_zero_list_weight_keeps_the_recipes_draws():
-  """The committed base's stages give 3 weights; the 4th kind (list) must not change which kinds they drew
-  (the draws before the list rows existed: `rng.choice(3, p=mix)`)."""
+def test_zero_weights_of_later_kinds_keep_the_recipes_draws():
+  """The committed base's first stages give 3 weights; the later kinds (list, grounded) must not change
+  which kinds they drew (the draws before those rows existed: `rng.choice(3, p=mix)`)."""
   for mix in ((0.35, 0.35, 0.3), (0.6, 0.2, 0.2), (1.0, 0.0, 0.0)):
     old, new = np.random.default_rng([3, 7]), np.random.default_rng([3, 7])
     before = [list(pretrain.RowKind)[int(old.choice(3, p=np.asarray(mix) / sum(mix)))] for _ in range(300)]
     p = pretrain.kind_weights(mix)
-    assert p.shape == (4,) and p[3] == 0
+    assert p.shape == (5,) and p[3] == p[4] == 0
     assert [pretrain.draw_kind(new, p) for _ in range(300)] == before
-  assert pretrain.kind_weights((0, 0, 0, 1.0)).tolist() == [0, 0, 0, 1.0]
-  for bad in ((1.0, 0, 0, 0, 1.0), (0.0, 0.0), (1.0, -0.5)):
+  assert pretrain.kind_weights((0, 0, 0, 1.0)).tolist() == [0, 0, 0, 1.0, 0]
+  assert pretrain.kind_weights((0, 0, 0, 0, 2.0)).tolist() == [0, 0, 0, 0, 1.0]
+  for bad in ((1.0, 0, 0, 0, 1.0, 1.0), (0.0, 0.0), (1.0, -0.5)):
     with pytest.raises(ValueError, match="mix"):
       pretrain.kind_weights(bad)
 
@@ -233,6 +235,27 @@ def test_format_rows_box_a_random_square_whatever_the_question(env):
   assert 0.15 < hits / len(seeds) < 0.55  # 1/3 expected with three squares
 
 
+def test_grounded_rows_box_the_named_square_in_the_mgpo_conversation_and_never_ask_the_rl_question(env):
+  """Referring grounding under MGPO's prompt: the refer question, turn 1 the named square's box (trained),
+  the crop of it shown, turn 2 untrained."""
+  tok, model_cfg = env
+  named = dataclasses.replace(CFG, named_boxes=True)
+  for seed, tr in zip(range(6), pretrain.build_rows(pretrain.RowKind.GROUNDED, list(range(6)), tok, model_cfg,
+                                                    named)):
+    _, objects, k, _ = pretrain._decoded(seed, CFG)  # pylint: disable=protected-access
+    t = objects[k]
+    assert tr.num_turns == 2 and tr.box_valid == [True] and tuple(tr.boxes[0]) == tuple(t.box_in)
+    assert _text(tok, tr, 0) == pretrain.grounding_text(t, pretrain.BOX_LABEL, named=True)
+    prompt = tok.decode(tr.token_ids[:tr.turn_spans[0][0]].tolist())
+    assert pretrain.REFER_QUESTION.format(color=t.color) in prompt and scenes.question(t.color) not in prompt
+    assert "Key region" in prompt  # MGPO's grounding request, not the refer rows' request
+    assert pretrain.REFER_REQUEST not in prompt
+    assert tr.turn_mask[slice(*tr.turn_spans[0])].all() and not tr.turn_mask[slice(*tr.turn_spans[1])].any()
+  batch = pretrain.to_batch(pretrain.build_rows(pretrain.RowKind.GROUNDED, [0, 1], tok, model_cfg, named),
+                            pretrain.RowKind.GROUNDED, model_cfg, named, tok.pad_token_id)
+  assert batch.image_grid_BI3.shape == (2, 2, 3)  # both images of the conversation
+
+
 def test_close_up_boxes_hold_the_dot():
   rng = np.random.default_rng(0)
   for seed in range(40):
@@ -244,10 +267,11 @@ def test_close_up_boxes_hold_the_dot():
     assert bx1 <= cx <= bx2 and by1 <= cy <= by2
 
 
-def test_pretraining_update_lowers_the_loss(env):
+@pytest.mark.parametrize("kind", [pretrain.RowKind.FORMAT, pretrain.RowKind.GROUNDED])
+def test_pretraining_update_lowers_the_loss(env, kind):
   tok, model_cfg = env
-  rows = pretrain.build_rows(pretrain.RowKind.FORMAT, list(range(4)), tok, model_cfg, CFG)
-  batch = pretrain.to_batch(rows, pretrain.RowKind.FORMAT, model_cfg, CFG, tok.pad_token_id)
+  rows = pretrain.build_rows(kind, list(range(4)), tok, model_cfg, CFG)
+  batch = pretrain.to_batch(rows, kind, model_cfg, CFG, tok.pad_token_id)
   trainer = sft.SFTTrainer(params_lib.init_model(model_cfg, seed=0), optax.adam(3e-3))
   first = trainer.step(batch)
   assert first["tokens"] == sum(int(t.turn_mask.sum()) for t in rows)

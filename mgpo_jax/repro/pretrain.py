@@ -16,6 +16,10 @@ RL teaches it to box the region the *question* needs. The stand-in base learns, 
              after a colour word is its square's position, so attending from the colour word to the square
              of that colour is what lowers the loss at once (a first-order signal). Referring needs that
              lookup, and the refer rows alone never taught it: bench/results/repro/base/probes/lookup/
+  grounded   referring grounding inside the MGPO conversation: the refer question ("Where is the red
+             square?") under MGPO's system prompt and grounding request, turn 1 the named square's box
+             (trained), turn 2 untrained. What a VLM brings from grounded-conversation data: the
+             conversation's first turn boxes what the question names. Never the RL question.
 
 With `named_boxes` (the committed base's last stages) a grounding answer (refer, and format's turn 1) first
 names its square the list's way, then gives the JSON: "The square: red056,084,092,120.\n```json ...".
@@ -23,11 +27,12 @@ The box digits then follow the colour word, so the lookup the list rows teach is
 a bare JSON box must carry the colour from the question ~20 tokens on, which this model never learned.
 
 So no row ever pairs the RL question with the box of the square it asks about: at RL step 0 the base
-boxes a random square in MGPO's turn 1 (target-hit ~1/num_objects), and only the answer reward can
-teach it to box the asked one. Each step trains one kind (drawn by `mix`), so each kind keeps its own
+boxes the asked square in MGPO's turn 1 only as far as the grounded rows' habit carries over to a
+question it never saw boxed (~1/3 of the time, chance 1/4), and only the answer reward can teach it to
+box the asked one. Each step trains one kind (drawn by `mix`), so each kind keeps its own
 short buckets. The committed base is a curriculum of such runs (`CURRICULUM`, `run_curriculum`): refer
 rows on one square, then two, then four, then all three kinds on four squares, then list rows, then all
-four kinds with named boxes. Held-out teacher-forced
+four kinds with named boxes, then a short dose of grounded rows and a stage that restores the refer box. Held-out teacher-forced
 NLLs are logged every `eval_every` steps (the refer box against ln(#lattice cells), the image-blind
 value), and the gates (`gates.py`) are measured at the end.
 
@@ -88,8 +93,11 @@ class RowKind(enum.StrEnum):
   CLOSE_UP = "close_up"
   FORMAT = "format"
   LIST = "list"
+  GROUNDED = "grounded"
 
 
+# The kinds that are the MGPO conversation (two turns); the others are single-turn.
+_TWO_TURNS = (RowKind.FORMAT, RowKind.GROUNDED)
 # The grounding rows' requests (their prompt: `refer_prompts`); the other kinds use the RL prompt.
 _REQUESTS = {RowKind.REFER: REFER_REQUEST, RowKind.LIST: LIST_REQUEST}
 
@@ -111,8 +119,8 @@ class PretrainConfig:
   warmup_steps: int = 50
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.01
-  # Weights of the row kinds, in `RowKind` order: refer / close_up / format / list (a missing last weight
-  # is 0: the committed base's recipe predates the list rows).
+  # Weights of the row kinds, in `RowKind` order: refer / close_up / format / list / grounded (missing last
+  # weights are 0: the committed base's first stages predate the list and grounded rows).
   mix: tuple[float, ...] = (0.35, 0.35, 0.3)
   close_up_jitter: int = 6            # input px a close-up box is off its square (a model's box error)
   # Grounding answers (refer, format turn 1) name their square first: `grounding_text`.
@@ -126,7 +134,8 @@ class PretrainConfig:
   init_dir: str = ""
   prompt_style: str = "short"
   scene: scenes.SceneConfig = scenes.SceneConfig()
-  buckets: tuple[Bucket, ...] = (Bucket(192, 256), Bucket(192, 256), Bucket(384, 512), Bucket(192, 256))
+  buckets: tuple[Bucket, ...] = (Bucket(192, 256), Bucket(192, 256), Bucket(384, 512), Bucket(192, 256),
+                                 Bucket(384, 512))
   hidden_size: int = 128
   num_layers: int = 4
   num_heads: int = 4                   # head_dim = hidden_size / num_heads = 2 * sum(mrope_section)
@@ -306,6 +315,12 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
       script_texts.append([grounding_text(target, f"{target.color} square", cfg.named_boxes)])
       train_answer.append(True)
       continue
+    if kind == RowKind.GROUNDED:
+      samples.append({"id": f"grounded-{seed}", "question": REFER_QUESTION.format(color=target.color),
+                      "choices": None, "answer": "A", "image": img})
+      script_texts.append([grounding_text(target, BOX_LABEL, cfg.named_boxes), answer_text("A")])
+      train_answer.append(False)  # "Where is ...?" has no answer to read from the crop
+      continue
     if kind == RowKind.LIST:
       samples.append({"id": f"list-{seed}", "question": LIST_QUESTION, "choices": None, "answer": "A",
                       "image": img})
@@ -324,7 +339,7 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
       train_answer.append(j == k)
     samples.append(sample)
 
-  single = kind != RowKind.FORMAT
+  single = kind not in _TWO_TURNS
   rollout_cfg = cfg.rollout(engine_lib.RolloutMode.SINGLE_TURN if single else engine_lib.RolloutMode.MGPO)
   if kind in _REQUESTS:
     rollout_cfg = dataclasses.replace(rollout_cfg, prompts=refer_prompts(cfg.prompt_style, _REQUESTS[kind]))
@@ -343,9 +358,9 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
 
 def to_batch(rows, kind: RowKind, model_cfg: Qwen25VLConfig, cfg: PretrainConfig, pad_id: int):
   b = cfg.buckets[list(RowKind).index(kind)]
+  n = 2 if kind in _TWO_TURNS else 1
   return traj_lib.to_train_batch(rows, list(range(len(rows))), seq_bucket=b.seq, patch_bucket=b.patches,
-                                 max_images=1 if kind != RowKind.FORMAT else 2, pad_id=pad_id,
-                                 vision_cfg=model_cfg.vision, max_turns=1 if kind != RowKind.FORMAT else 2,
+                                 max_images=n, pad_id=pad_id, vision_cfg=model_cfg.vision, max_turns=n,
                                  image_token_id=model_cfg.image_token_id)
 
 
@@ -444,7 +459,13 @@ class Stage:
 # chance). The list rows then teach the colour -> square lookup (stage 6), and from stage 7 on the grounding
 # answers name their square first (`named_boxes`), so the box is read right after the colour word: the
 # referring box went from chance (17% IoU >= 0.5) to 100% over stages 7-10
-# (bench/results/repro/base/probes/named/).
+# (bench/results/repro/base/probes/named/). Stage 10 boxed a random square in MGPO's turn 1 (the format
+# rows train exactly that), and RL from it never learned to box the asked one (bench/results/repro/
+# rl_probes/). Stage 11 adds grounded-conversation rows (the refer question inside MGPO's conversation):
+# a short dose, so the habit transfers to the RL question only in part (100 steps of it: target hit 84%,
+# "already most of the time"; 30: 23%; 50: 44%), and stage 12 restores the referring box the short,
+# fast stage left at 70% without grounded rows, a few format rows holding the RL question's turn 1
+# near chance (bench/results/repro/base/probes/grounded/).
 CURRICULUM: tuple[Stage, ...] = (
     Stage(steps=800, num_objects=1, mix=(1.0, 0.0, 0.0), learning_rate=2e-3, eval_every=200),
     Stage(steps=500, num_objects=2, mix=(1.0, 0.0, 0.0), learning_rate=1e-3),
@@ -459,6 +480,10 @@ CURRICULUM: tuple[Stage, ...] = (
     Stage(steps=600, num_objects=4, mix=(0.45, 0.05, 0.1, 0.4), learning_rate=1e-3, seed=9, eval_every=300,
           named_boxes=True),
     Stage(steps=900, num_objects=4, mix=(0.4, 0.05, 0.2, 0.35), learning_rate=1e-3, seed=10, eval_every=300,
+          named_boxes=True),
+    Stage(steps=50, num_objects=4, mix=(0.3, 0.1, 0.0, 0.3, 0.3), learning_rate=1e-3, seed=11, eval_every=50,
+          named_boxes=True),
+    Stage(steps=100, num_objects=4, mix=(0.45, 0.1, 0.1, 0.35), learning_rate=3e-4, seed=12, eval_every=100,
           named_boxes=True),
 )
 
@@ -516,7 +541,7 @@ if __name__ == "__main__":
   _SEED = flags.DEFINE_integer("seed", PretrainConfig.seed, "Init and data seed.")
   _INIT_DIR = flags.DEFINE_string("init_dir", "", "Continue from this base (HF folder) instead of a random init.")
   _LR = flags.DEFINE_float("learning_rate", PretrainConfig.learning_rate, "Peak learning rate.")
-  _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format, list steps (a missing last one is 0).")
+  _MIX = flags.DEFINE_list("mix", [str(x) for x in PretrainConfig.mix], "Weights of refer, close_up, format, list, grounded steps (missing last ones are 0).")
   _EVAL_EVERY = flags.DEFINE_integer("eval_every", PretrainConfig.eval_every, "Held-out NLLs every this many steps.")
   _NAMED = flags.DEFINE_bool("named_boxes", PretrainConfig.named_boxes, "Grounding answers name their "
                              "square first (its colour and box, as in the list rows), then the JSON.")
