@@ -309,17 +309,15 @@ def build_rows(kind: RowKind, seeds: Sequence[int], tokenizer, model_cfg: Qwen25
     img, objects, k, rng = _decoded(seed, cfg)
     target = objects[k]
     letter = "ABCD"[scenes.OPTIONS.index(target.dot)]
-    if kind == RowKind.REFER:
-      samples.append({"id": f"refer-{seed}", "question": REFER_QUESTION.format(color=target.color),
+    if kind in (RowKind.REFER, RowKind.GROUNDED):
+      # One referring question; GROUNDED asks it inside MGPO's conversation, whose turn 2 stays untrained:
+      # "Where is ...?" has no answer to read from the crop.
+      refer = kind == RowKind.REFER
+      samples.append({"id": f"{kind}-{seed}", "question": REFER_QUESTION.format(color=target.color),
                       "choices": None, "answer": "A", "image": img})
-      script_texts.append([grounding_text(target, f"{target.color} square", cfg.named_boxes)])
-      train_answer.append(True)
-      continue
-    if kind == RowKind.GROUNDED:
-      samples.append({"id": f"grounded-{seed}", "question": REFER_QUESTION.format(color=target.color),
-                      "choices": None, "answer": "A", "image": img})
-      script_texts.append([grounding_text(target, BOX_LABEL, cfg.named_boxes), answer_text("A")])
-      train_answer.append(False)  # "Where is ...?" has no answer to read from the crop
+      box = grounding_text(target, f"{target.color} square" if refer else BOX_LABEL, cfg.named_boxes)
+      script_texts.append([box] if refer else [box, answer_text("A")])
+      train_answer.append(refer)
       continue
     if kind == RowKind.LIST:
       samples.append({"id": f"list-{seed}", "question": LIST_QUESTION, "choices": None, "answer": "A",
